@@ -1,0 +1,451 @@
+"""Per-iteration cost of megatron_ext's training loop against a bare Megatron-Core loop.
+
+    torchrun --nproc-per-node 2 benchmarks/step_overhead.py [training flags ...]
+
+Both loops train the same model (built by ``build_model_and_optimizer`` from the same seed, so the
+weights are identical) on the same global batches with the same layout, in one process group:
+
+* "ours": ``megatron_ext.train.setup()`` and the real ``train()`` function - our MicroBatchIterator
+  reading from the dataset, ``train_step()``, the loss reduction for logging, a log line and a
+  MetricsWriter record per iteration (``--log-interval 1``). Per-iteration times come from the
+  ``elapsed_s`` stamps that ``train()`` writes to a temporary JSONL file.
+* "bare": the loop written directly against Megatron-Core: batches fetched up front into a list of
+  tensors, a minimal forward step and masked-sum loss (the calculate_per_token_loss contract),
+  ``get_forward_backward_func()``, ``optimizer.step()``, ``scheduler.step(1)`` and nothing else.
+
+After a warm-up of each, the timed iterations run in alternating blocks (bare/ours, then
+ours/bare, ...) so drift in machine speed hits both equally; we report medians. The last stdout
+line (rank 0) is one JSON object with ratio = ours / bare.
+
+``--mfu`` switches the defaults to a ~1B Llama-style model at 8K sequence length in bf16 and adds
+model FLOPs utilisation against the GPU's dense bf16 peak (meant for a GPU run).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `torchrun benchmarks/step_overhead.py` puts benchmarks/ on sys.path, not the repository.
+for _path in (_REPO_ROOT, os.path.join(_REPO_ROOT, "tools")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import torch  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from megatron_ext import arguments, parallel, platform  # noqa: E402
+from megatron_ext import train as train_mod  # noqa: E402
+from megatron_ext.data.gpt_data import MicroBatchIterator  # noqa: E402
+from megatron_ext.metrics import MetricsWriter  # noqa: E402
+
+# Small enough that ~36 iterations plus setup fit in a few minutes on 2 CPU cores.
+CPU_DEFAULTS = dict(num_layers=4, hidden_size=256, num_attention_heads=8, seq_length=512,
+                    micro_batch_size=2, global_batch_size=4)
+# ~1.0B parameters with the 32k demo vocabulary (Llama-3.2-1B shape), 8K context, bf16.
+MFU_DEFAULTS = dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                    num_query_groups=8, seq_length=8192, micro_batch_size=1, global_batch_size=4,
+                    bf16=True)
+# Dense bf16 tensor-core peaks (TFLOP/s) of the SXM parts; override with --peak-tflops.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments and data
+# ----------------------------------------------------------------------------------------------
+
+def build_parser(mfu: bool):
+    p = arguments.build_parser(prog="benchmarks/step_overhead.py")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--warmup-iters", type=int, default=3,
+                   help="untimed iterations of each loop before timing")
+    g.add_argument("--timed-iters", type=int, default=15,
+                   help="timed iterations of each loop (--train-iters is set to warm-up + this)")
+    g.add_argument("--blocks", type=int, default=3,
+                   help="split the timed iterations into this many alternating bare/ours blocks")
+    g.add_argument("--mfu", action="store_true",
+                   help="~1B model at 8K sequence in bf16; report MFU (GPU)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense TFLOP/s per device for MFU (default: known H100/H200 value)")
+    # None means "decide from the world size" (see default_tensor_parallel_size).
+    p.set_defaults(tensor_model_parallel_size=None, **(MFU_DEFAULTS if mfu else CPU_DEFAULTS))
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]], world_size: int):
+    """Parse flags (not yet validated: the demo data may still have to be prepared)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(mfu="--mfu" in argv)
+    args = parser.parse_args(argv)
+    if args.tensor_model_parallel_size is None:
+        args.tensor_model_parallel_size = default_tensor_parallel_size(args, world_size)
+    if args.warmup_iters < 1 or args.timed_iters < 1 or not 1 <= args.blocks <= args.timed_iters:
+        parser.error("need --warmup-iters >= 1, --timed-iters >= 1 and 1 <= --blocks <= --timed-iters")
+    if args.pipeline_model_parallel_size != 1:
+        # The bare loop feeds one iterator; interleaved/pipelined schedules would need per-stage
+        # iterators, which this overhead comparison does not need.
+        parser.error("this benchmark compares PP=1 loops; use --pipeline-model-parallel-size 1")
+    if args.mfu and platform.detect(args.device).is_cpu and args.peak_tflops is None:
+        parser.error("--mfu compares against a GPU's peak; on CPU also pass --peak-tflops")
+    # The LR schedule and the dataset length span exactly what both loops consume.
+    args.train_iters = args.warmup_iters + args.timed_iters
+    args.lr_decay_iters = None
+    args.log_interval = 1  # log every iteration, as the overhead we want to see includes it
+    args.eval_interval, args.save, args.load = None, None, None
+    return args, parser
+
+
+def default_tensor_parallel_size(args, world_size: int) -> int:
+    """TP=2 on two (or any even number of) ranks, else TP=1; --mfu defaults to pure DP."""
+    if args.mfu or world_size % 2 or args.num_attention_heads % 2:
+        return 1
+    return 2
+
+
+def resolve_demo_data(args) -> None:
+    """Fill --data-path/--tokenizer-* with the demo blend, preparing it once on rank 0.
+
+    Only rank 0 tokenizes: two ranks running prepare() at once would race on the same
+    ``.bin.tmp`` files. The others wait in the broadcast.
+    """
+    if args.data_path and args.tokenizer_model:
+        return
+    result = [None]
+    if parallel.is_rank0():
+        import prepare_demo_data  # tools/prepare_demo_data.py
+        from megatron_ext import assets
+
+        result[0] = prepare_demo_data.prepare(str(assets.cache_dir() / "demo-data"),
+                                              workers=min(2, os.cpu_count() or 1))
+    torch.distributed.broadcast_object_list(result, src=0)
+    data_path, tokenizer_model = result[0]
+    args.data_path = args.data_path or data_path.split()
+    if args.tokenizer_model is None:
+        args.tokenizer_model = tokenizer_model
+        args.tokenizer_type = args.tokenizer_type or "SentencePieceTokenizer"
+
+
+# ----------------------------------------------------------------------------------------------
+# The bare Megatron-Core loop
+# ----------------------------------------------------------------------------------------------
+
+def masked_sum_loss(loss_mask, per_token_loss):
+    """(sum, count, report) - Megatron-Core's calculate_per_token_loss contract."""
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    count = mask.sum()
+    return loss, count.to(torch.int), {"lm loss": torch.stack([loss.detach(), count.detach()])}
+
+
+def bare_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(masked_sum_loss, batch["loss_mask"])
+
+
+class BareLoop:
+    """The same model, optimizer and schedule, driven with nothing but Megatron-Core calls."""
+
+    def __init__(self, args, plat, dataset, device):
+        self.args = args
+        self.device = device
+        # Same seed and builder as setup(): the weights start identical to ours.
+        train_mod.set_seeds(args.seed)
+        self.model, self.optimizer, self.scheduler = train_mod.build_model_and_optimizer(
+            args, device, plat.is_cpu)
+        self.batches = iter(self.prefetch(dataset))
+        self.forward_backward = get_forward_backward_func()
+        self.losses: List[float] = []
+
+    def prefetch(self, dataset) -> List[Dict[str, torch.Tensor]]:
+        """This rank's micro-batches for every iteration, in Megatron-LM's sampler order."""
+        a = self.args
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        batches = []
+        for iteration in range(a.train_iters):
+            for micro in range(a.num_microbatches):
+                first = (iteration * a.global_batch_size + micro * a.micro_batch_size * dp_size
+                         + dp_rank * a.micro_batch_size)
+                samples = [dataset[i] for i in range(first, first + a.micro_batch_size)]
+                batches.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(self.device)
+                                for k in BATCH_KEYS})
+        return batches
+
+    def step(self):
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self.forward_backward(
+            forward_step_func=bare_forward_step, data_iterator=self.batches, model=self.model,
+            num_microbatches=self.args.num_microbatches, seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size, forward_only=False)
+        self.optimizer.step()
+        self.scheduler.step(1)
+        return reports
+
+    def run(self, iterations: int, on_gpu: bool) -> List[float]:
+        """Seconds per iteration; every iteration starts from a barrier, all ranks together."""
+        times = []
+        for _ in range(iterations):
+            torch.distributed.barrier()
+            sync(on_gpu)
+            start = time.perf_counter()
+            reports = self.step()
+            sync(on_gpu)
+            times.append(time.perf_counter() - start)
+            self.losses.append(global_loss(reports))  # outside the timed region: a check only
+        return times
+
+
+def global_loss(reports) -> float:
+    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0).double()
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def sync(on_gpu: bool) -> None:
+    if on_gpu:
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+# Our loop, timed through train()'s own per-iteration stamps
+# ----------------------------------------------------------------------------------------------
+
+class OursLoop:
+    def __init__(self, s, jsonl_path: Optional[str]):
+        self.s = s
+        self.jsonl_path = jsonl_path
+        self.writer = MetricsWriter(parallel.is_rank0(), jsonl_path, None)
+        self.blocks: List[range] = []  # iteration numbers of each train() call
+
+    def run(self, iterations: int, timed: bool) -> None:
+        torch.distributed.barrier()
+        first = self.s.iteration + 1
+        # train() stops at --exit-interval; the schedule still spans --train-iters.
+        self.s.args.exit_interval = self.s.iteration + iterations
+        train_mod.train(self.s, self.writer)
+        if timed:
+            self.blocks.append(range(first, self.s.iteration + 1))
+
+    def records(self) -> Dict[int, dict]:
+        self.writer.close()
+        with open(self.jsonl_path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return {r["iteration"]: r for r in rows if "kind" not in r}
+
+    def iteration_times(self) -> List[float]:
+        """Differences of consecutive elapsed_s stamps (rank 0 only, which writes them).
+
+        An iteration's span runs from the previous stamp, so it includes the previous
+        iteration's log line and JSONL record: the per-iteration work of our loop. The first
+        iteration of a block is measured from train()'s start instead.
+        """
+        rows = self.records()
+        times = []
+        for block in self.blocks:
+            previous = 0.0
+            for it in block:
+                times.append(rows[it]["elapsed_s"] - previous)
+                previous = rows[it]["elapsed_s"]
+        return times
+
+    def losses(self) -> Dict[int, float]:
+        return {it: row["loss"] for it, row in self.records().items()}
+
+
+def time_data_iterator(s, iterations: int) -> float:
+    """Median seconds our MicroBatchIterator takes to produce one iteration's micro-batches."""
+    data = MicroBatchIterator(s.train_data, s.layout, start_iteration=0)
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        for _ in range(s.args.num_microbatches):
+            next(data)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement plan, MFU and report
+# ----------------------------------------------------------------------------------------------
+
+def split(total: int, parts: int) -> List[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def measure(args, ours: OursLoop, bare: BareLoop, on_gpu: bool) -> List[float]:
+    """Warm both loops up, then time alternating blocks; returns bare's per-iteration times."""
+    bare.run(args.warmup_iters, on_gpu)
+    ours.run(args.warmup_iters, timed=False)
+    bare_times = []
+    for index, size in enumerate(split(args.timed_iters, args.blocks)):
+        # Alternate who goes first so neither always follows the other's cache footprint.
+        if index % 2 == 0:
+            bare_times += bare.run(size, on_gpu)
+            ours.run(size, timed=True)
+        else:
+            ours.run(size, timed=True)
+            bare_times += bare.run(size, on_gpu)
+    return bare_times
+
+
+def megatron_flops_per_iteration(args) -> float:
+    """Model FLOPs of one global batch: Megatron-LM's num_floating_point_operations (dense GPT).
+
+    12 = 3 (forward, weight-grad, data-grad GEMMs) x 2 (multiply-add) x 2 (GEMM pairs in a
+    layer). The s/h attention term is the QK^T and AV products over the full (not causal-halved)
+    score matrix, i.e. 12*L*h*s FLOPs per token, as in the classic formula; the last term is the
+    output-layer logits.
+    """
+    b, s, L, h = args.global_batch_size, args.seq_length, args.num_layers, args.hidden_size
+    query_ratio = args.kv_channels * args.num_attention_heads / h
+    gated = 1.5 if args.swiglu else 1.0
+    return 12 * b * s * L * h * h * (
+        (1 + args.num_query_groups / args.num_attention_heads + s / h) * query_ratio
+        + (args.ffn_hidden_size / h) * gated
+        + args.padded_vocab_size / (2 * L * h))
+
+
+def peak_tflops(args, device_name: str) -> Optional[float]:
+    if args.peak_tflops:
+        return args.peak_tflops
+    for key, value in GPU_PEAK_TFLOPS.items():
+        if key in device_name and "PCIe" not in device_name:
+            return value
+    return None
+
+
+def attention_backend(model) -> str:
+    """Which attention implementation ran: Megatron's local one or TE's flash/fused/unfused."""
+    names = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DotProductAttention")}
+    if "TEDotProductAttention" not in names:
+        return "megatron-core local DotProductAttention (unfused)" if names else "unknown"
+    # TE records its choice in a module-level dict whose home moved between TE releases.
+    for module_name in ("transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention",
+                        "transformer_engine.pytorch.attention.dot_product_attention.utils",
+                        "transformer_engine.pytorch.attention"):
+        try:
+            state = getattr(importlib.import_module(module_name), "_attention_backends", None)
+        except ImportError:
+            continue
+        if not isinstance(state, dict):
+            continue
+        if state.get("use_flash_attention"):
+            version = state.get("flash_attention_backend")
+            return "TE FlashAttention" + (f" ({version})" if version else "")
+        if state.get("use_fused_attention"):
+            sub = state.get("fused_attention_backend")
+            return f"TE FusedAttention ({getattr(sub, 'name', sub)})"
+        if state.get("use_unfused_attention"):
+            return "TE UnfusedDotProductAttention"
+    return "TEDotProductAttention (backend not reported)"
+
+
+def device_name(plat) -> str:
+    if not plat.is_cpu:
+        return torch.cuda.get_device_name()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} x{cores} cores"
+
+
+def layout(args) -> str:
+    text = f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size}"
+    if args.context_parallel_size > 1:
+        text += f" CP={args.context_parallel_size}"
+    return text + f" DP={args.data_parallel_size}"
+
+
+def report(args, plat, s, ours_times, bare_times, loss_gap, data_s) -> dict:
+    ours_ms = 1000 * statistics.median(ours_times)
+    bare_ms = 1000 * statistics.median(bare_times)
+    result = {"benchmark": "step_overhead", "ratio": round(ours_ms / bare_ms, 4), "goal": "<= 1.03",
+              "device": device_name(plat), "ours_ms": round(ours_ms, 2), "bare_ms": round(bare_ms, 2),
+              "layout": layout(args), "iterations": args.timed_iters}
+    flops = megatron_flops_per_iteration(args)
+    backend = attention_backend(s.model[0])
+    peak = peak_tflops(args, result["device"])
+    if args.mfu:
+        result["attention_backend"] = backend
+        result["model_tflop_per_iteration"] = round(flops / 1e12, 3)
+        result["peak_tflops"] = peak
+        for name, ms in (("mfu", ours_ms), ("mfu_bare", bare_ms)):
+            result[name] = (round(flops / (ms / 1000) / (args.world_size * peak * 1e12), 4)
+                            if peak else None)
+
+    params = sum(p.numel() for p in s.model[0].parameters())
+    print(f"\nstep_overhead: {result['device']} | {plat.device_type}/{plat.backend} | {layout(args)} | "
+          f"{torch.get_num_threads()} torch threads per rank")
+    print(f"  model: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} "
+          f"heads, seq {args.seq_length}, mbs {args.micro_batch_size}, gbs {args.global_batch_size} "
+          f"({args.num_microbatches} micro-batches/rank), {params / 1e6:.2f}M params on rank 0, "
+          f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}, attention: {backend}")
+    print(f"  {args.timed_iters} timed iterations each (after {args.warmup_iters} warm-up), "
+          f"{args.blocks} alternating blocks")
+    for name, times in (("ours", ours_times), ("bare", bare_times)):
+        ms = sorted(1000 * t for t in times)
+        print(f"  {name}: median {1000 * statistics.median(times):8.1f} ms | mean "
+              f"{1000 * statistics.mean(times):8.1f} | min {ms[0]:8.1f} | max {ms[-1]:8.1f}")
+    print(f"  ratio ours/bare (medians): {result['ratio']:.4f} (goal <= 1.03) -> "
+          f"{'met' if result['ratio'] <= 1.03 else 'NOT met'}; difference {ours_ms - bare_ms:+.1f} ms")
+    print(f"  our MicroBatchIterator alone: {1000 * data_s:.2f} ms per iteration "
+          f"(bare reads pre-fetched tensors)")
+    print(f"  achieved {flops / (ours_ms / 1000) / 1e12:.4f} TFLOP/s (ours, Megatron formula, all ranks)")
+    print(f"  loss check: largest |ours - bare| over matching iterations = {loss_gap:.2e}")
+    if args.mfu:
+        print(f"  MFU: ours {result['mfu']} bare {result['mfu_bare']} (peak {peak} TFLOP/s per device)")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args, parser = parse_args(argv, world_size)
+    _, plat = parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                  args.context_parallel_size, device=args.device,
+                                  timeout_minutes=args.distributed_timeout_minutes)
+    try:
+        resolve_demo_data(args)
+        try:
+            arguments.finalize(args, world_size)
+        except arguments.ArgumentError as err:
+            if parallel.is_rank0():
+                print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+        on_gpu = not plat.is_cpu
+        with tempfile.TemporaryDirectory(prefix="step_overhead_") as tmp:
+            s = train_mod.setup(args, plat)
+            bare = BareLoop(args, plat, s.train_data, s.objective.device)
+            ours = OursLoop(s, os.path.join(tmp, "metrics.jsonl") if parallel.is_rank0() else None)
+            bare_times = measure(args, ours, bare, on_gpu)
+            data_s = time_data_iterator(s, min(args.train_iters, 10))
+            torch.distributed.barrier()
+            if parallel.is_rank0():
+                ours_losses = ours.losses()
+                loss_gap = max(abs(ours_losses[i + 1] - loss) for i, loss in enumerate(bare.losses))
+                result = report(args, plat, s, ours.iteration_times(), bare_times, loss_gap, data_s)
+                print(json.dumps(result), flush=True)
+            torch.distributed.barrier()
+    finally:
+        parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+#!/bin/bash
+# Long-context pretraining with megatron_ext. Every size is an environment variable; the defaults
+# are the CPU demo (2 gloo ranks, a small Llama-style model, real books + code, ~5 minutes).
+#
+#   bash examples/pretrain_long.sh                       # launches torchrun itself (NPROC ranks)
+#   torchrun --nproc-per-node 8 examples/pretrain_long.sh  # NOT this: torchrun runs python files;
+#   torchrun --nproc-per-node 8 --no-python bash examples/pretrain_long.sh   # this works
+#   srun bash examples/pretrain_long.sh                  # one SLURM task per GPU (see slurm/)
+#
+# A GPU run of a Llama-3-8B-like model at 64K, for instance:
+#   NPROC=8 TP=4 CP=2 NUM_LAYERS=32 HIDDEN_SIZE=4096 FFN_HIDDEN_SIZE=14336 NUM_HEADS=32 \
+#   NUM_QUERY_GROUPS=8 SEQ_LENGTH=65536 ROTARY_BASE=500000 GLOBAL_BATCH_SIZE=64 PRECISION=bf16 \
+#   DATA_PATH="0.7 /data/books_text_document 0.3 /data/code_text_document" \
+#   TOKENIZER_TYPE=HuggingFaceTokenizer TOKENIZER_MODEL=/models/llama3 bash examples/pretrain_long.sh
+# Extra arguments are passed to `python -m megatron_ext.train` unchanged (they win over these).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python}
+
+NPROC=${NPROC:-2}
+TP=${TP:-1}
+PP=${PP:-1}
+CP=${CP:-1}
+NUM_LAYERS=${NUM_LAYERS:-4}
+HIDDEN_SIZE=${HIDDEN_SIZE:-256}
+FFN_HIDDEN_SIZE=${FFN_HIDDEN_SIZE:-704}
+NUM_HEADS=${NUM_HEADS:-8}
+NUM_QUERY_GROUPS=${NUM_QUERY_GROUPS:-4}
+SEQ_LENGTH=${SEQ_LENGTH:-1024}
+MAX_POSITION_EMBEDDINGS=${MAX_POSITION_EMBEDDINGS:-$SEQ_LENGTH}
+ROTARY_BASE=${ROTARY_BASE:-10000}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-2}
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-8}
+TRAIN_ITERS=${TRAIN_ITERS:-60}
+LR=${LR:-2e-3}
+MIN_LR=${MIN_LR:-2e-4}
+WARMUP_ITERS=${WARMUP_ITERS:-6}
+EVAL_INTERVAL=${EVAL_INTERVAL:-30}
+EVAL_ITERS=${EVAL_ITERS:-2}
+SAVE_INTERVAL=${SAVE_INTERVAL:-30}
+SPLIT=${SPLIT:-80,20,0}
+PRECISION=${PRECISION:-fp32}
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/pretrain_long}
+SAVE=${SAVE:-$OUTPUT_DIR/checkpoints}
+LOAD=${LOAD:-$SAVE}
+METRICS_JSONL=${METRICS_JSONL:-$OUTPUT_DIR/metrics.jsonl}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-SentencePieceTokenizer}
+
+under_launcher=false
+[[ -n "${RANK:-}" || -n "${SLURM_PROCID:-}" ]] && under_launcher=true
+
+if [[ -z "${DATA_PATH:-}" || -z "${TOKENIZER_MODEL:-}" ]]; then
+    if $under_launcher && [[ "${RANK:-${SLURM_PROCID:-0}}" != "0" ]]; then
+        # Only one process prepares; the others wait for its marker file.
+        marker="${MEGATRON_EXT_CACHE:-$HOME/.cache/megatron_ext}/demo-data/.ready"
+        for _ in $(seq 600); do [[ -f "$marker" ]] && break; sleep 1; done
+    fi
+    eval "$($PYTHON tools/prepare_demo_data.py)"
+    touch "${MEGATRON_EXT_CACHE:-$HOME/.cache/megatron_ext}/demo-data/.ready"
+fi
+
+precision_flags=()
+[[ "$PRECISION" == "bf16" ]] && precision_flags=(--bf16)
+[[ "$PRECISION" == "fp16" ]] && precision_flags=(--fp16)
+
+# shellcheck disable=SC2206
+train_args=(
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+    --context-parallel-size "$CP"
+    --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN_SIZE" --ffn-hidden-size "$FFN_HIDDEN_SIZE"
+    --num-attention-heads "$NUM_HEADS" --num-query-groups "$NUM_QUERY_GROUPS"
+    --seq-length "$SEQ_LENGTH" --max-position-embeddings "$MAX_POSITION_EMBEDDINGS"
+    --rotary-base "$ROTARY_BASE" --untie-embeddings-and-output-weights
+    --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+    --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
+    --lr-warmup-iters "$WARMUP_ITERS" --weight-decay 0.1 --clip-grad 1.0
+    --data-path $DATA_PATH --split "$SPLIT"
+    --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL"
+    --save "$SAVE" --load "$LOAD" --save-interval "$SAVE_INTERVAL"
+    --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
+    --log-interval 1 --metrics-jsonl "$METRICS_JSONL" --tensorboard-dir "$TENSORBOARD_DIR"
+    "${precision_flags[@]}"
+)
+
+if $under_launcher; then
+    exec $PYTHON -m megatron_ext.train "${train_args[@]}" "$@"
+fi
+exec $PYTHON -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29500}" \
+    -m megatron_ext.train "${train_args[@]}" "$@"

@@ -1,0 +1,268 @@
+"""Command-line arguments with Megatron-LM's flag names, and their validation.
+
+Validation happens before anything is written or any process group is created, so bad input
+fails fast with an error that names the flag and the fix (argparse's usual exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+
+def build_parser(prog: str = "megatron_ext.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    add_parallel_args(p)
+    add_training_args(p)
+    add_data_args(p)
+    add_checkpoint_args(p)
+    add_logging_args(p)
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (Llama family)")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=128)
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="default: 4 * hidden size, or the Llama 8/3 rule rounded up to 64 with --swiglu")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="accepted for Megatron-LM compatibility; GQA is on whenever "
+                        "--num-query-groups is smaller than --num-attention-heads")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="default: --seq-length")
+    g.add_argument("--position-embedding-type", choices=["rope"], default="rope")
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="separate output layer (Llama); the default ties it to the embedding")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="accepted for Megatron-LM compatibility; linear biases are off by default")
+    g.add_argument("--add-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true", help="QKV bias only (Qwen2)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"],
+                   default="auto", help="auto: Transformer Engine on GPU when importable")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="default: cuda when available, else cpu (gloo)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=30)
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch size x data-parallel size")
+    g.add_argument("--train-iters", type=int, default=10)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop after this iteration (the schedule still spans --train-iters)")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine",
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="prefixes of .bin/.idx files, optionally weighted: 0.7 pathA 0.3 pathB")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    g.add_argument("--tokenizer-type", default=None,
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--data-cache-path", default=None,
+                   help="where Megatron's sample indices are cached (default: next to --save)")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true")
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load model weights only; reset iteration, optimizer and data position")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+
+
+def add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-jsonl", default=None,
+                   help="one JSON object per iteration (and per evaluation)")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=0)
+
+
+class ArgumentError(ValueError):
+    """An invalid combination of flags; the message names the flags and the fix."""
+
+
+def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Fill derived defaults and validate; raises ArgumentError naming the offending flag."""
+    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.context_parallel_size)
+    for flag, value in (("--tensor-model-parallel-size", tp),
+                        ("--pipeline-model-parallel-size", pp),
+                        ("--context-parallel-size", cp)):
+        if value < 1:
+            raise ArgumentError(f"{flag} must be >= 1, got {value}")
+    if world_size % (tp * pp * cp) != 0:
+        raise ArgumentError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}; "
+            f"launch a multiple of {tp * pp * cp} processes or change those flags")
+    args.data_parallel_size = world_size // (tp * pp * cp)
+    args.world_size = world_size
+
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.num_attention_heads % tp != 0:
+        raise ArgumentError(
+            f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp}); choose a TP size that divides the head count")
+    if args.num_attention_heads % args.num_query_groups != 0:
+        raise ArgumentError(
+            f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
+            f"--num-query-groups ({args.num_query_groups})")
+    if args.num_query_groups % tp != 0:
+        raise ArgumentError(
+            f"--num-query-groups ({args.num_query_groups}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp}); choose a TP size that divides the KV group count")
+    if args.kv_channels is None:
+        if args.hidden_size % args.num_attention_heads != 0:
+            raise ArgumentError(
+                f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads "
+                f"({args.num_attention_heads}); pass --kv-channels explicitly")
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.ffn_hidden_size is None:
+        if args.swiglu:
+            args.ffn_hidden_size = ((int(8 * args.hidden_size / 3) + 63) // 64) * 64
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
+    if args.ffn_hidden_size % tp != 0:
+        raise ArgumentError(f"--ffn-hidden-size ({args.ffn_hidden_size}) must be divisible by "
+                            f"--tensor-model-parallel-size ({tp})")
+    if args.num_layers % pp != 0:
+        raise ArgumentError(f"--num-layers ({args.num_layers}) must be divisible by "
+                            f"--pipeline-model-parallel-size ({pp})")
+    if cp > 1 and args.seq_length % (2 * cp) != 0:
+        raise ArgumentError(
+            f"--seq-length ({args.seq_length}) must be divisible by 2 x --context-parallel-size "
+            f"(= {2 * cp}) for the load-balanced context-parallel layout; pad or pick another length")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ArgumentError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
+                            f"({args.max_position_embeddings})")
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # Megatron-LM does the same: SP needs TP > 1.
+
+    dp = args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+        raise ArgumentError(
+            f"--global-batch-size ({args.global_batch_size}) must be divisible by "
+            f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({dp})")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = max(1, args.train_iters)
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters ({args.lr_warmup_iters}) exceeds "
+                            f"--lr-decay-iters ({args.lr_decay_iters})")
+
+    _validate_data_args(args)
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if args.eval_interval and args.eval_iters <= 0:
+        raise ArgumentError("--eval-interval needs --eval-iters > 0")
+    return args
+
+
+def _validate_data_args(args: argparse.Namespace) -> None:
+    if not args.data_path:
+        raise ArgumentError("--data-path is required: one or more prefixes written by "
+                            "tools/preprocess_data.py (optionally weighted: 0.7 pathA 0.3 pathB)")
+    args.data_blend = parse_data_path(args.data_path)
+    for prefix in args.data_blend[0]:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise ArgumentError(f"--data-path: {prefix + ext} does not exist; run "
+                                    f"tools/preprocess_data.py --output-prefix ... first")
+    if args.tokenizer_type is None or args.tokenizer_model is None:
+        raise ArgumentError("--tokenizer-type and --tokenizer-model are required")
+    if not os.path.exists(args.tokenizer_model):
+        raise ArgumentError(f"--tokenizer-model: {args.tokenizer_model} does not exist")
+
+
+def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
+    """``[pathA]`` or ``[w1, pathA, w2, pathB, ...]`` -> (prefixes, weights or None)."""
+    tokens = [t for tok in tokens for t in tok.split()]
+    if len(tokens) == 1:
+        return [tokens[0]], None
+    if len(tokens) % 2 != 0:
+        raise ArgumentError("--data-path with several datasets takes weight/prefix pairs: "
+                            "0.7 pathA 0.3 pathB")
+    weights, prefixes = [], []
+    for weight, prefix in zip(tokens[0::2], tokens[1::2]):
+        try:
+            weights.append(float(weight))
+        except ValueError:
+            raise ArgumentError(f"--data-path: expected a weight before {prefix!r}, got {weight!r}")
+        prefixes.append(prefix)
+    if any(w <= 0 for w in weights):
+        raise ArgumentError("--data-path weights must be positive")
+    return prefixes, weights
+
+
+def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate; exits with status 2 and a one-line error on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    try:
+        return finalize(args, world_size)
+    except ArgumentError as err:
+        parser.error(str(err))

@@ -1,0 +1,142 @@
+"""Samples for language-model pretraining: Megatron-Core's GPTDataset / BlendedDataset over
+IndexedDataset files, read in a fixed global order so every layout sees the same global batch.
+
+The global batch of iteration i is samples [i*G, (i+1)*G) of the train split. Inside it, data-
+parallel rank r takes micro-batch m as the slice [m*M*D + r*M, m*M*D + (r+1)*M) (M = micro batch,
+D = data-parallel size) - Megatron-LM's sampler order. The loader's whole state is therefore the
+number of consumed samples, which is what checkpoints store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    micro_batch_size: int
+    data_parallel_size: int
+    data_parallel_rank: int
+    num_microbatches: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.data_parallel_size * self.num_microbatches
+
+    def sample_indices(self, iteration: int, microbatch: int) -> range:
+        start = (iteration * self.global_batch_size
+                 + microbatch * self.micro_batch_size * self.data_parallel_size
+                 + self.data_parallel_rank * self.micro_batch_size)
+        return range(start, start + self.micro_batch_size)
+
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def documents_per_split(num_documents: int, split: str) -> List[int]:
+    """How many documents Megatron's builder gives each split (its rounding rule)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    counts = []
+    for bookends in convert_split_vector_to_split_matrix(parse_and_normalize_split(split)):
+        if bookends is None:
+            counts.append(0)
+        else:
+            counts.append(int(round(bookends[1] * num_documents)) - int(round(bookends[0] * num_documents)))
+    return counts
+
+
+def check_splits(prefixes: List[str], split: str, needed: List[bool]) -> None:
+    """Refuse a split that leaves a needed part of any dataset without documents.
+
+    (Megatron-Core's GPTDataset loops forever on an empty split, and long-document corpora have
+    few documents, so this is easy to hit.)
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        total = len(IndexedDataset(prefix))
+        counts = documents_per_split(total, split)
+        for name, count, need in zip(SPLIT_NAMES, counts, needed):
+            if need and count == 0:
+                raise ValueError(
+                    f"--split {split} gives the {name} split of {prefix} no documents (it has "
+                    f"{total}); raise the {name} share of --split or add documents")
+
+
+def build_gpt_datasets(
+    blend,
+    split: str,
+    seq_length: int,
+    seed: int,
+    tokenizer,
+    num_samples: List[int],
+    cache_dir: Optional[str],
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+):
+    """[train, valid, test] datasets sized to ``num_samples`` (0: a split nobody reads)."""
+    needed = [n > 0 for n in num_samples]
+    check_splits(blend[0], split, needed)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=split,
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,
+    )
+    # A split nobody reads is not built at all (Megatron loops forever on an empty split asked for
+    # 0 samples); the other splits keep their document ranges.
+    config.split_matrix = [bookends if need else None
+                           for bookends, need in zip(config.split_matrix, needed)]
+    # Every rank builds (cheap, cached on disk by rank 0 first) so each can read any sample.
+    return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+
+
+def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
+
+
+class MicroBatchIterator:
+    """Yields this rank's micro-batches from ``start_iteration`` on, in the global order above."""
+
+    def __init__(self, dataset, layout: BatchLayout, start_iteration: int = 0):
+        self.dataset = dataset
+        self.layout = layout
+        self.iteration = start_iteration
+        self._microbatch = 0
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        indices = self.layout.sample_indices(self.iteration, self._microbatch)
+        if indices.stop > len(self.dataset):
+            raise StopIteration
+        batch = collate([self.dataset[i] for i in indices])
+        self._microbatch += 1
+        if self._microbatch == self.layout.num_microbatches:
+            self._microbatch = 0
+            self.iteration += 1
+        return batch
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.iteration * self.layout.global_batch_size
+
+
+def token_count(batch: Dict[str, torch.Tensor]) -> int:
+    return int(np.prod(batch["tokens"].shape))

@@ -1,0 +1,120 @@
+"""Device and collective backend selection: CUDA + NCCL on GPUs, CPU + gloo elsewhere.
+
+Megatron-Core assumes CUDA in a handful of places (see ``shared/specs/megatron_notes.md``):
+``torch.cuda.current_device()`` used as a device, literal ``device='cuda'`` buffers in the
+optimizer and grad clipping, a type-string assertion in ``clip_grads`` and CUDA RNG state in the
+tensor-parallel RNG tracker. On CPU we redirect exactly those to the CPU and nothing else.
+
+This is the only module in the project allowed to patch Megatron-Core, and it only does so when
+the platform is CPU. ``cpu_redirections_active()`` tells whether the redirections are installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    device_type: str  # "cuda" or "cpu"
+    backend: str  # "nccl" or "gloo"
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        if self.is_cpu:
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank)
+
+
+def detect(requested: Optional[str] = None) -> Platform:
+    """Pick the platform: ``requested`` ("cuda"/"cpu") or env ``MEGATRON_EXT_DEVICE``, else CUDA if present."""
+    choice = requested or os.environ.get("MEGATRON_EXT_DEVICE") or (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "--device cuda was requested but torch.cuda.is_available() is False; "
+                "use --device cpu (gloo) or install a CUDA build of torch."
+            )
+        return Platform("cuda", "nccl")
+    if choice == "cpu":
+        return Platform("cpu", "gloo")
+    raise ValueError(f"unknown device {choice!r}: expected 'cuda' or 'cpu'")
+
+
+def activate(platform: Platform, local_rank: int = 0) -> Platform:
+    """Make the process ready to run Megatron-Core on ``platform``."""
+    if platform.is_cpu:
+        _install_cpu_redirections()
+    else:
+        torch.cuda.set_device(local_rank)
+    return platform
+
+
+# --------------------------------------------------------------------------------------------
+# CPU redirections
+# --------------------------------------------------------------------------------------------
+
+_ACTIVE_MODE: Optional["_CudaToCpuMode"] = None
+
+
+def cpu_redirections_active() -> bool:
+    return _ACTIVE_MODE is not None
+
+
+def _is_cuda_device(device) -> bool:
+    # A bare int device means "CUDA device N" to torch factories; on the CPU platform it can only
+    # come from Megatron's `torch.cuda.current_device()`.
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Sends every tensor Megatron-Core asks to place on CUDA to the CPU instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # clip_grads asserts `grad.type() == 'torch.cuda.FloatTensor'`.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
+        return func(*args, **kwargs)
+
+
+def _install_cpu_redirections() -> None:
+    global _ACTIVE_MODE
+    if _ACTIVE_MODE is not None:
+        return
+    import megatron.core.tensor_parallel.random as tp_random
+
+    # The "device" RNG is the CPU generator; Megatron's tracker forks it for TP regions.
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed)) and None
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+    tp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+    _ACTIVE_MODE = _CudaToCpuMode()
+    _ACTIVE_MODE.__enter__()

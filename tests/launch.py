@@ -1,0 +1,54 @@
+"""Run `megatron_ext.train` under torchrun on gloo for tests, and read back its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import List, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny Llama-style model: GQA (4 heads, 2 groups), SwiGLU, RMSNorm, untied output layer.
+TINY_MODEL = [
+    "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
+    "--untie-embeddings-and-output-weights", "--micro-batch-size", "1", "--global-batch-size", "4",
+    "--lr", "1e-3", "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--seed", "1234",
+    "--log-interval", "1", "--device", "cpu",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, args: Sequence[str], timeout: int = 600, check: bool = True,
+             env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "-m", "megatron_ext.train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def data_args(data_path: str, tokenizer_model: str, cache: str) -> List[str]:
+    return ["--data-path", *data_path.split(), "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", tokenizer_model, "--data-cache-path", cache]
+
+
+def read_metrics(path: str) -> List[dict]:
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r.get("kind") != "eval"]
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)

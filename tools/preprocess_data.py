@@ -1,0 +1,45 @@
+"""Tokenize JSONL into Megatron IndexedDataset files (Megatron-LM's flags).
+
+    python tools/preprocess_data.py --input docs.jsonl --output-prefix data/books \
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tokenizer.model --append-eod
+
+writes data/books_text_document.{bin,idx}; pass that prefix to --data-path.
+"""
+
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401  (makes megatron_ext importable from a source checkout)
+
+from megatron_ext.data.preprocess import MalformedRow, preprocess
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, nargs="+", help="one or more .jsonl files")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="fields to tokenize (dotted paths reach nested fields)")
+    p.add_argument("--tokenizer-type", required=True,
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    p.add_argument("--tokenizer-model", required=True)
+    p.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--skip-malformed", action="store_true",
+                   help="count and skip rows that are not JSON objects with the --json-keys strings")
+    args = p.parse_args(argv)
+    try:
+        stats = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
+                           json_keys=args.json_keys, append_eod=args.append_eod,
+                           workers=args.workers, skip_malformed=args.skip_malformed)
+    except (MalformedRow, FileNotFoundError) as err:
+        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
+        return 1
+    print(stats.summary())
+    for prefix in stats.outputs:
+        print(f"wrote {prefix}.bin / .idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
