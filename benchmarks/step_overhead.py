@@ -71,7 +71,7 @@ def build_parser(mfu: bool):
                    help="untimed iterations of each loop before timing")
     g.add_argument("--timed-iters", type=int, default=15,
                    help="timed iterations of each loop (--train-iters is set to warm-up + this)")
-    g.add_argument("--blocks", type=int, default=3,
+    g.add_argument("--blocks", type=int, default=5,
                    help="split the timed iterations into this many alternating bare/ours blocks")
     g.add_argument("--mfu", action="store_true",
                    help="~1B model at 8K sequence in bf16; report MFU (GPU)")
@@ -112,6 +112,18 @@ def default_tensor_parallel_size(args, world_size: int) -> int:
     return 2
 
 
+def prepare_demo(workers: int):
+    """(--data-path blend, tokenizer model) of the demo corpus, tokenizing what is missing."""
+    try:
+        from megatron_ext.data.demo_data import prepare_demo_data
+    except ImportError:  # checkouts where only tools/prepare_demo_data.py has it
+        import prepare_demo_data as tool
+        from megatron_ext import assets
+
+        return tool.prepare(str(assets.cache_dir() / "demo-data"), workers)
+    return prepare_demo_data(workers=workers)
+
+
 def resolve_demo_data(args) -> None:
     """Fill --data-path/--tokenizer-* with the demo blend, preparing it once on rank 0.
 
@@ -122,11 +134,7 @@ def resolve_demo_data(args) -> None:
         return
     result = [None]
     if parallel.is_rank0():
-        import prepare_demo_data  # tools/prepare_demo_data.py
-        from megatron_ext import assets
-
-        result[0] = prepare_demo_data.prepare(str(assets.cache_dir() / "demo-data"),
-                                              workers=min(2, os.cpu_count() or 1))
+        result[0] = prepare_demo(workers=min(2, os.cpu_count() or 1))
     torch.distributed.broadcast_object_list(result, src=0)
     data_path, tokenizer_model = result[0]
     args.data_path = args.data_path or data_path.split()

@@ -208,9 +208,9 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = max(1, args.train_iters)
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ArgumentError(f"--lr-warmup-iters ({args.lr_warmup_iters}) exceeds "
-                            f"--lr-decay-iters ({args.lr_decay_iters})")
+    if args.lr_warmup_iters > 0 and args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than "
+                            f"--lr-decay-iters (default --train-iters; here {args.lr_decay_iters})")
 
     _validate_data_args(args)
     if args.save_interval is not None and args.save is None:

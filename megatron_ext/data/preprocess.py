@@ -174,4 +174,5 @@ def read_documents(prefix: str) -> List[np.ndarray]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)
-    return [ds[i] for i in range(len(ds))]
+    # Copies: the dataset's arrays are views of an mmap that closes with it.
+    return [np.array(ds[i]) for i in range(len(ds))]

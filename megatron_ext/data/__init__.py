@@ -1,0 +1,1 @@
+"""Datasets, tokenizers, position schemes and batching: tokens on disk -> samples -> per-rank batches."""
