@@ -7,15 +7,17 @@ weights are identical) on the same global batches with the same layout, in one p
 
 * "ours": ``megatron_ext.train.setup()`` and the real ``train()`` function - our MicroBatchIterator
   reading from the dataset, ``train_step()``, the loss reduction for logging, a log line and a
-  MetricsWriter record per iteration (``--log-interval 1``). Per-iteration times come from the
-  ``elapsed_s`` stamps that ``train()`` writes to a temporary JSONL file.
+  MetricsWriter record to a temporary JSONL file per iteration (``--log-interval 1``).
 * "bare": the loop written directly against Megatron-Core: batches fetched up front into a list of
   tensors, a minimal forward step and masked-sum loss (the calculate_per_token_loss contract),
   ``get_forward_backward_func()``, ``optimizer.step()``, ``scheduler.step(1)`` and nothing else.
 
-After a warm-up of each, the timed iterations run in alternating blocks (bare/ours, then
-ours/bare, ...) so drift in machine speed hits both equally; we report medians. The last stdout
-line (rank 0) is one JSON object with ratio = ours / bare.
+After a warm-up of each, the loops alternate every iteration (bare, ours, ours, bare, ...) so
+that changes in machine speed - other jobs on a shared host - hit both alike. Each timed iteration
+starts from a barrier and is timed with perf_counter on rank 0; for ours that is one whole
+``train()`` call of one iteration (``--exit-interval``), so train()'s per-call bookkeeping counts
+against us. We report medians; the last stdout line (rank 0) is one JSON object with
+ratio = median(ours) / median(bare).
 
 ``--mfu`` switches the defaults to a ~1B Llama-style model at 8K sequence length in bf16 and adds
 model FLOPs utilisation against the GPU's dense bf16 peak (meant for a GPU run).
@@ -71,8 +73,6 @@ def build_parser(mfu: bool):
                    help="untimed iterations of each loop before timing")
     g.add_argument("--timed-iters", type=int, default=15,
                    help="timed iterations of each loop (--train-iters is set to warm-up + this)")
-    g.add_argument("--blocks", type=int, default=5,
-                   help="split the timed iterations into this many alternating bare/ours blocks")
     g.add_argument("--mfu", action="store_true",
                    help="~1B model at 8K sequence in bf16; report MFU (GPU)")
     g.add_argument("--peak-tflops", type=float, default=None,
@@ -89,8 +89,8 @@ def parse_args(argv: Optional[Sequence[str]], world_size: int):
     args = parser.parse_args(argv)
     if args.tensor_model_parallel_size is None:
         args.tensor_model_parallel_size = default_tensor_parallel_size(args, world_size)
-    if args.warmup_iters < 1 or args.timed_iters < 1 or not 1 <= args.blocks <= args.timed_iters:
-        parser.error("need --warmup-iters >= 1, --timed-iters >= 1 and 1 <= --blocks <= --timed-iters")
+    if args.warmup_iters < 1 or args.timed_iters < 1:
+        parser.error("need --warmup-iters >= 1 and --timed-iters >= 1")
     if args.pipeline_model_parallel_size != 1:
         # The bare loop feeds one iterator; interleaved/pipelined schedules would need per-stage
         # iterators, which this overhead comparison does not need.
@@ -202,19 +202,9 @@ class BareLoop:
         self.scheduler.step(1)
         return reports
 
-    def run(self, iterations: int, on_gpu: bool) -> List[float]:
-        """Seconds per iteration; every iteration starts from a barrier, all ranks together."""
-        times = []
-        for _ in range(iterations):
-            torch.distributed.barrier()
-            sync(on_gpu)
-            start = time.perf_counter()
-            reports = self.step()
-            sync(on_gpu)
-            times.append(time.perf_counter() - start)
-            self.losses.append(global_loss(reports))  # outside the timed region: a check only
-        return times
-
+    def run_one(self) -> None:
+        reports = self.step()
+        self.losses.append(global_loss(reports))  # for the loss check; outside the timed region
 
 def global_loss(reports) -> float:
     total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0).double()
@@ -236,41 +226,18 @@ class OursLoop:
         self.s = s
         self.jsonl_path = jsonl_path
         self.writer = MetricsWriter(parallel.is_rank0(), jsonl_path, None)
-        self.blocks: List[range] = []  # iteration numbers of each train() call
 
-    def run(self, iterations: int, timed: bool) -> None:
-        torch.distributed.barrier()
-        first = self.s.iteration + 1
-        # train() stops at --exit-interval; the schedule still spans --train-iters.
-        self.s.args.exit_interval = self.s.iteration + iterations
+    def run_one(self) -> None:
+        # train() stops at --exit-interval; the LR schedule still spans --train-iters.
+        self.s.args.exit_interval = self.s.iteration + 1
         train_mod.train(self.s, self.writer)
-        if timed:
-            self.blocks.append(range(first, self.s.iteration + 1))
 
-    def records(self) -> Dict[int, dict]:
+    def losses(self) -> Dict[int, float]:
+        """Loss per iteration, read back from the JSONL that train() wrote (rank 0)."""
         self.writer.close()
         with open(self.jsonl_path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        return {r["iteration"]: r for r in rows if "kind" not in r}
-
-    def iteration_times(self) -> List[float]:
-        """Differences of consecutive elapsed_s stamps (rank 0 only, which writes them).
-
-        An iteration's span runs from the previous stamp, so it includes the previous
-        iteration's log line and JSONL record: the per-iteration work of our loop. The first
-        iteration of a block is measured from train()'s start instead.
-        """
-        rows = self.records()
-        times = []
-        for block in self.blocks:
-            previous = 0.0
-            for it in block:
-                times.append(rows[it]["elapsed_s"] - previous)
-                previous = rows[it]["elapsed_s"]
-        return times
-
-    def losses(self) -> Dict[int, float]:
-        return {it: row["loss"] for it, row in self.records().items()}
+        return {r["iteration"]: r["loss"] for r in rows if "kind" not in r}
 
 
 def time_data_iterator(s, iterations: int) -> float:
@@ -289,24 +256,31 @@ def time_data_iterator(s, iterations: int) -> float:
 # Measurement plan, MFU and report
 # ----------------------------------------------------------------------------------------------
 
-def split(total: int, parts: int) -> List[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+def timed(run_one, on_gpu: bool) -> float:
+    """Seconds for one iteration, started together on all ranks and finished on the device."""
+    torch.distributed.barrier()
+    sync(on_gpu)
+    start = time.perf_counter()
+    run_one()
+    sync(on_gpu)
+    return time.perf_counter() - start
 
 
-def measure(args, ours: OursLoop, bare: BareLoop, on_gpu: bool) -> List[float]:
-    """Warm both loops up, then time alternating blocks; returns bare's per-iteration times."""
-    bare.run(args.warmup_iters, on_gpu)
-    ours.run(args.warmup_iters, timed=False)
-    bare_times = []
-    for index, size in enumerate(split(args.timed_iters, args.blocks)):
-        # Alternate who goes first so neither always follows the other's cache footprint.
+def measure(args, ours: OursLoop, bare: BareLoop, on_gpu: bool):
+    """Warm both loops up, then alternate them; returns (ours, bare) per-iteration seconds."""
+    for _ in range(args.warmup_iters):
+        bare.run_one()
+        ours.run_one()
+    ours_times, bare_times = [], []
+    for index in range(args.timed_iters):
+        # ABBA order, so neither loop always runs right after the other.
         if index % 2 == 0:
-            bare_times += bare.run(size, on_gpu)
-            ours.run(size, timed=True)
+            bare_times.append(timed(bare.run_one, on_gpu))
+            ours_times.append(timed(ours.run_one, on_gpu))
         else:
-            ours.run(size, timed=True)
-            bare_times += bare.run(size, on_gpu)
-    return bare_times
+            ours_times.append(timed(ours.run_one, on_gpu))
+            bare_times.append(timed(bare.run_one, on_gpu))
+    return ours_times, bare_times
 
 
 def megatron_flops_per_iteration(args) -> float:
@@ -406,13 +380,19 @@ def report(args, plat, s, ours_times, bare_times, loss_gap, data_s) -> dict:
           f"({args.num_microbatches} micro-batches/rank), {params / 1e6:.2f}M params on rank 0, "
           f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}, attention: {backend}")
     print(f"  {args.timed_iters} timed iterations each (after {args.warmup_iters} warm-up), "
-          f"{args.blocks} alternating blocks")
+          f"alternating every iteration")
     for name, times in (("ours", ours_times), ("bare", bare_times)):
         ms = sorted(1000 * t for t in times)
         print(f"  {name}: median {1000 * statistics.median(times):8.1f} ms | mean "
               f"{1000 * statistics.mean(times):8.1f} | min {ms[0]:8.1f} | max {ms[-1]:8.1f}")
     print(f"  ratio ours/bare (medians): {result['ratio']:.4f} (goal <= 1.03) -> "
           f"{'met' if result['ratio'] <= 1.03 else 'NOT met'}; difference {ours_ms - bare_ms:+.1f} ms")
+    # Adjacent iterations share the machine's state, so their ratio is less sensitive to other
+    # load than the ratio of medians; a large gap between the two means a noisy host.
+    paired = statistics.median(o / b for o, b in zip(ours_times, bare_times))
+    spread = statistics.pstdev(bare_times) / statistics.mean(bare_times)
+    print(f"  median of paired ratios (adjacent iterations): {paired:.4f}; bare iteration-time "
+          f"spread (std/mean) {100 * spread:.1f}%")
     print(f"  our MicroBatchIterator alone: {1000 * data_s:.2f} ms per iteration "
           f"(bare reads pre-fetched tensors)")
     print(f"  achieved {flops / (ours_ms / 1000) / 1e12:.4f} TFLOP/s (ours, Megatron formula, all ranks)")
@@ -441,13 +421,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s = train_mod.setup(args, plat)
             bare = BareLoop(args, plat, s.train_data, s.objective.device)
             ours = OursLoop(s, os.path.join(tmp, "metrics.jsonl") if parallel.is_rank0() else None)
-            bare_times = measure(args, ours, bare, on_gpu)
+            ours_times, bare_times = measure(args, ours, bare, on_gpu)
             data_s = time_data_iterator(s, min(args.train_iters, 10))
             torch.distributed.barrier()
             if parallel.is_rank0():
                 ours_losses = ours.losses()
                 loss_gap = max(abs(ours_losses[i + 1] - loss) for i, loss in enumerate(bare.losses))
-                result = report(args, plat, s, ours.iteration_times(), bare_times, loss_gap, data_s)
+                result = report(args, plat, s, ours_times, bare_times, loss_gap, data_s)
                 print(json.dumps(result), flush=True)
             torch.distributed.barrier()
     finally:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Long-context pretraining with megatron_ext. Every size is an environment variable; the defaults
-# are the CPU demo (2 gloo ranks, a small Llama-style model, real books + code, ~5 minutes).
+# are the CPU demo (2 gloo ranks, a 20M-parameter Llama-style model, real books + code, ~5 min).
 #
 #   bash examples/pretrain_long.sh                       # launches torchrun itself (NPROC ranks)
 #   torchrun --nproc-per-node 8 examples/pretrain_long.sh  # NOT this: torchrun runs python files;
@@ -30,15 +30,15 @@ NUM_QUERY_GROUPS=${NUM_QUERY_GROUPS:-4}
 SEQ_LENGTH=${SEQ_LENGTH:-1024}
 MAX_POSITION_EMBEDDINGS=${MAX_POSITION_EMBEDDINGS:-$SEQ_LENGTH}
 ROTARY_BASE=${ROTARY_BASE:-10000}
-MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-2}
-GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-8}
-TRAIN_ITERS=${TRAIN_ITERS:-60}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-4}
+TRAIN_ITERS=${TRAIN_ITERS:-40}
 LR=${LR:-2e-3}
 MIN_LR=${MIN_LR:-2e-4}
-WARMUP_ITERS=${WARMUP_ITERS:-6}
-EVAL_INTERVAL=${EVAL_INTERVAL:-30}
-EVAL_ITERS=${EVAL_ITERS:-2}
-SAVE_INTERVAL=${SAVE_INTERVAL:-30}
+WARMUP_ITERS=${WARMUP_ITERS:-$(( TRAIN_ITERS / 10 ))}
+EVAL_INTERVAL=${EVAL_INTERVAL:-20}
+EVAL_ITERS=${EVAL_ITERS:-1}
+SAVE_INTERVAL=${SAVE_INTERVAL:-20}
 SPLIT=${SPLIT:-80,20,0}
 PRECISION=${PRECISION:-fp32}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/pretrain_long}
