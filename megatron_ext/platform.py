@@ -118,3 +118,18 @@ def _install_cpu_redirections() -> None:
 
     _ACTIVE_MODE = _CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
+
+    # `torch.autograd.backward` is itself dispatched through the mode, and a mode is switched off
+    # while it handles a call - so without this the whole backward pass (including activation
+    # recomputation, which re-runs forward code) would run without the redirections.
+    import torch.autograd as autograd
+
+    run_backward = autograd._engine_run_backward
+
+    def run_backward_with_redirections(*args, **kwargs):
+        if torch._C._is_torch_function_mode_enabled():
+            return run_backward(*args, **kwargs)
+        with _ACTIVE_MODE:
+            return run_backward(*args, **kwargs)
+
+    autograd._engine_run_backward = run_backward_with_redirections

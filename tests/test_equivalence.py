@@ -19,6 +19,7 @@ LAYOUTS = {
     "PP=2": (2, ["--pipeline-model-parallel-size", "2"]),
     "TP=2+distributed-optimizer": (2, ["--tensor-model-parallel-size", "2",
                                        "--use-distributed-optimizer"]),
+    "DP=2+full-recompute": (2, ["--recompute-granularity", "full"]),
 }
 
 

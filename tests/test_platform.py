@@ -61,6 +61,17 @@ def test_cpu_platform_redirects_megatron_cuda_assumptions():
         with tp_random.get_cuda_rng_tracker().fork():
             again = torch.rand(3)
         assert not torch.equal(inside, again)  # the tracked stream advanced
+        # Backward passes (activation recomputation re-runs forward there) are redirected too.
+        class AddsCudaBuffers(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x + torch.ones(1, device="cuda")
+            @staticmethod
+            def backward(ctx, grad):
+                return grad * torch.full((1,), 2.0, device="cuda")
+        x = torch.ones(2, requires_grad=True)
+        AddsCudaBuffers.apply(x).sum().backward()
+        assert torch.equal(x.grad, torch.full((2,), 2.0))
         print("ok")
     """)
     assert out.strip() == "ok"

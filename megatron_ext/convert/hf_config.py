@@ -1,0 +1,295 @@
+"""Hugging Face config.json <-> our model description <-> megatron_ext.train flags.
+
+``ModelSpec`` is the one neutral description both directions go through. It is read from either
+config layout:
+
+  transformers 4:  top-level ``rope_theta`` + ``rope_scaling`` ({"type"|"rope_type": ..., ...})
+  transformers 5:  ``rope_parameters`` ({"rope_type": ..., "rope_theta": ..., ...})
+
+and written back in whatever layout the installed transformers writes (``save_pretrained``).
+Nothing here imports Megatron or train.py: ``model_flags(config)`` is usable on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from megatron_ext.convert.tables import Family, family_for
+
+
+class ConversionError(ValueError):
+    """Bad or unsupported input; the message names the field or tensor and what to do."""
+
+
+# RoPE as Megatron-Core's GPTModel implements it. Llama-3.x scaling there has fixed
+# low/high frequency factors and original context; only the factor is a parameter.
+MEGATRON_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    family: Family
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    rope_theta: float
+    # None, {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor": f, ...}
+    rope_scaling: Optional[Dict[str, Any]] = None
+    dtype: Optional[str] = None  # torch dtype name of the weights, e.g. "bfloat16"
+    sliding_window: Optional[int] = None  # Mistral: carried for export; Megatron trains without it
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family.qkv_bias
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    def rope_parameters(self) -> Dict[str, Any]:
+        """transformers-5 ``rope_parameters`` for this model."""
+        params = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            params.update(self.rope_scaling)
+        return params
+
+
+def _load_dict(config: Union[str, os.PathLike, Mapping, Any]) -> Dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "to_dict"):  # a transformers PretrainedConfig
+        return config.to_dict()
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise ConversionError(f"{path} does not exist: expected a Hugging Face model folder with "
+                              "config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_rope(cfg: Mapping[str, Any]) -> tuple:
+    """(rope_theta, normalized scaling or None) from either config layout."""
+    params = cfg.get("rope_parameters")
+    if params is not None:
+        if params and all(isinstance(v, Mapping) for v in params.values()):
+            raise ConversionError(f"rope_parameters has one entry per layer type ({sorted(params)}); "
+                                  "per-layer RoPE is not supported")
+        theta = params.get("rope_theta", cfg.get("rope_theta"))
+    else:  # transformers 4
+        params = cfg.get("rope_scaling") or {}
+        theta = cfg.get("rope_theta")
+    theta = 10000.0 if theta is None else float(theta)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConversionError("partial_rotary_factor != 1 is not supported (Megatron's rotary_percent "
+                              "would be needed)")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, {"rope_type": "linear", "factor": float(params["factor"])}
+    if rope_type == "llama3":
+        scaling = {"rope_type": "llama3", "factor": float(params["factor"])}
+        for key, fixed in MEGATRON_LLAMA3_FIXED.items():
+            value = params.get(key, fixed)
+            if float(value) != float(fixed):
+                raise ConversionError(
+                    f"rope llama3 {key}={value}: Megatron-Core's GPTModel implements Llama-3 RoPE "
+                    f"scaling only with {MEGATRON_LLAMA3_FIXED}")
+            scaling[key] = type(fixed)(value) if key != "original_max_position_embeddings" else int(value)
+        return theta, scaling
+    raise ConversionError(f"rope type {rope_type!r} is not supported; supported: default, linear, "
+                          "llama3")
+
+
+def _require(cfg: Mapping[str, Any], key: str):
+    if cfg.get(key) is None:
+        raise ConversionError(f"config.json has no {key!r}")
+    return cfg[key]
+
+
+def read_hf_config(config) -> ModelSpec:
+    """A ModelSpec from a model folder, a config.json path, a dict or a PretrainedConfig."""
+    cfg = _load_dict(config)
+    family = family_for(cfg.get("architectures"), cfg.get("model_type"))
+    heads = int(_require(cfg, "num_attention_heads"))
+    hidden = int(_require(cfg, "hidden_size"))
+    groups = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ConversionError(f"{flag}=true is not supported: megatron_ext has QKV-only biases "
+                                  "(Qwen2) or none")
+    if cfg.get("use_sliding_window"):
+        raise ConversionError("use_sliding_window=true is not supported: megatron_ext trains with "
+                              "full causal attention")
+    if heads % groups != 0:
+        raise ConversionError(f"num_attention_heads ({heads}) is not a multiple of "
+                              f"num_key_value_heads ({groups})")
+    theta, scaling = _read_rope(cfg)
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+    return ModelSpec(
+        family=family,
+        num_layers=int(_require(cfg, "num_hidden_layers")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(_require(cfg, "intermediate_size")),
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        head_dim=int(head_dim),
+        vocab_size=int(_require(cfg, "vocab_size")),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.default_tie)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        dtype=str(dtype).replace("torch.", "") if dtype else None,
+        sliding_window=cfg.get("sliding_window") if family.name == "mistral" else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# megatron_ext.train flags
+# ------------------------------------------------------------------------------------------
+
+def _num(x: float) -> str:
+    """Shortest text that parses back to exactly ``x``."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int = 1) -> int:
+    """Same rule as megatron_ext.data.tokenizer.padded_vocab_size (lcm, layout independent)."""
+    multiple = math.lcm(divisible_by, tensor_parallel_size)
+    return -(-vocab_size // multiple) * multiple
+
+
+def model_flags(config, make_vocab_size_divisible_by: int = 128) -> List[str]:
+    """The ``megatron_ext.train`` model flags for a HF config (folder, config.json, dict or config)."""
+    spec = config if isinstance(config, ModelSpec) else read_hf_config(config)
+    flags = [
+        "--num-layers", str(spec.num_layers),
+        "--hidden-size", str(spec.hidden_size),
+        "--ffn-hidden-size", str(spec.ffn_hidden_size),
+        "--num-attention-heads", str(spec.num_attention_heads),
+        "--group-query-attention",
+        "--num-query-groups", str(spec.num_query_groups),
+        "--kv-channels", str(spec.head_dim),
+        "--max-position-embeddings", str(spec.max_position_embeddings),
+        "--position-embedding-type", "rope",
+        "--rotary-base", _num(spec.rope_theta),
+        "--normalization", "RMSNorm",
+        "--norm-epsilon", _num(spec.rms_norm_eps),
+        "--swiglu",
+        "--disable-bias-linear",
+        "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by),
+    ]
+    if spec.qkv_bias:
+        flags.append("--add-qkv-bias")
+    if not spec.tie_word_embeddings:
+        flags.append("--untie-embeddings-and-output-weights")
+    scaling = spec.rope_scaling or {}
+    if scaling.get("rope_type") == "llama3":
+        flags += ["--use-rope-scaling", "--rope-scaling-factor", _num(scaling["factor"])]
+    elif scaling.get("rope_type") == "linear":
+        flags += ["--rotary-seq-len-interpolation-factor", _num(scaling["factor"])]
+    return flags
+
+
+def check_layout(spec: ModelSpec, tp: int, pp: int) -> None:
+    """Raise ConversionError unless TP/PP fit this model (Megatron's divisibility rules)."""
+    rules = [
+        (spec.num_attention_heads, tp, "num_attention_heads", "--tensor-model-parallel-size"),
+        (spec.num_query_groups, tp, "num_key_value_heads", "--tensor-model-parallel-size"),
+        (spec.ffn_hidden_size, tp, "intermediate_size", "--tensor-model-parallel-size"),
+        (spec.num_layers, pp, "num_hidden_layers", "--pipeline-model-parallel-size"),
+    ]
+    for value, size, field, flag in rules:
+        if size < 1 or value % size != 0:
+            raise ConversionError(f"{flag} {size} does not divide {field} ({value}); "
+                                  f"choose a divisor of {value}")
+
+
+# ------------------------------------------------------------------------------------------
+# Megatron checkpoint -> ModelSpec, and ModelSpec -> transformers config
+# ------------------------------------------------------------------------------------------
+
+def spec_matches_model_args(spec: ModelSpec, model_args: Mapping[str, Any]) -> List[str]:
+    """Differences between a ModelSpec and a checkpoint's model_args.json (empty when consistent)."""
+    expected = {
+        "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
+        "ffn_hidden_size": spec.ffn_hidden_size, "num_attention_heads": spec.num_attention_heads,
+        "num_query_groups": spec.num_query_groups, "kv_channels": spec.head_dim,
+        "norm_epsilon": spec.rms_norm_eps, "rotary_base": spec.rope_theta,
+        "untie_embeddings_and_output_weights": not spec.tie_word_embeddings,
+        "add_qkv_bias": spec.qkv_bias,
+    }
+    out = [f"{k}: HF config {v!r} vs checkpoint {model_args[k]!r}"
+           for k, v in expected.items() if k in model_args and model_args[k] != v]
+    if model_args.get("padded_vocab_size", spec.vocab_size) < spec.vocab_size:
+        out.append(f"vocab_size: HF config {spec.vocab_size} > checkpoint padded vocab "
+                   f"{model_args['padded_vocab_size']}")
+    return out
+
+
+def spec_from_model_args(model_args: Mapping[str, Any]) -> ModelSpec:
+    """Best effort without a HF config: Qwen2 if QKV bias else Llama; vocab stays padded."""
+    from megatron_ext.convert.tables import FAMILIES
+
+    family = FAMILIES["qwen2" if model_args.get("add_qkv_bias") else "llama"]
+    return ModelSpec(
+        family=family,
+        num_layers=model_args["num_layers"], hidden_size=model_args["hidden_size"],
+        ffn_hidden_size=model_args["ffn_hidden_size"],
+        num_attention_heads=model_args["num_attention_heads"],
+        num_query_groups=model_args["num_query_groups"], head_dim=model_args["kv_channels"],
+        vocab_size=model_args["padded_vocab_size"],
+        max_position_embeddings=model_args.get("max_position_embeddings") or 2048,
+        rms_norm_eps=model_args["norm_epsilon"],
+        tie_word_embeddings=not model_args["untie_embeddings_and_output_weights"],
+        rope_theta=float(model_args["rotary_base"]),
+    )
+
+
+# Fields the export derives from the ModelSpec; everything else is kept from the reference config.
+_V4_ROPE_KEYS = ("rope_theta", "rope_scaling")
+
+
+def to_hf_config(spec: ModelSpec, reference: Optional[Mapping[str, Any]] = None,
+                 dtype: Optional[str] = None):
+    """A transformers config object for ``spec``, keeping unrelated fields of ``reference``."""
+    from transformers import AutoConfig
+
+    d = {k: v for k, v in (reference or {}).items()
+         if k not in _V4_ROPE_KEYS and k not in ("transformers_version", "torch_dtype", "_name_or_path")}
+    d.update(
+        architectures=[spec.family.architecture], model_type=spec.family.model_type,
+        num_hidden_layers=spec.num_layers, hidden_size=spec.hidden_size,
+        intermediate_size=spec.ffn_hidden_size, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_query_groups, vocab_size=spec.vocab_size,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=spec.rms_norm_eps,
+        tie_word_embeddings=spec.tie_word_embeddings, rope_parameters=spec.rope_parameters(),
+        hidden_act="silu",
+    )
+    if spec.family.model_type != "qwen2" or spec.head_dim != spec.hidden_size // spec.num_attention_heads:
+        d["head_dim"] = spec.head_dim  # Qwen2 reads it when present, else derives it
+    if spec.family.name == "mistral":
+        d["sliding_window"] = spec.sliding_window
+    if dtype or spec.dtype:
+        d["dtype"] = dtype or spec.dtype
+    model_type = d.pop("model_type")
+    return AutoConfig.for_model(model_type, **d)
