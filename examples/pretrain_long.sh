@@ -52,13 +52,8 @@ under_launcher=false
 [[ -n "${RANK:-}" || -n "${SLURM_PROCID:-}" ]] && under_launcher=true
 
 if [[ -z "${DATA_PATH:-}" || -z "${TOKENIZER_MODEL:-}" ]]; then
-    if $under_launcher && [[ "${RANK:-${SLURM_PROCID:-0}}" != "0" ]]; then
-        # Only one process prepares; the others wait for its marker file.
-        marker="${MEGATRON_EXT_CACHE:-$HOME/.cache/megatron_ext}/demo-data/.ready"
-        for _ in $(seq 600); do [[ -f "$marker" ]] && break; sleep 1; done
-    fi
+    # The CPU demo's data (fetched and tokenized once; concurrent ranks wait on a lock).
     eval "$($PYTHON tools/prepare_demo_data.py)"
-    touch "${MEGATRON_EXT_CACHE:-$HOME/.cache/megatron_ext}/demo-data/.ready"
 fi
 
 precision_flags=()

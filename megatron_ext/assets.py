@@ -98,7 +98,7 @@ def _log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(asset: str) -> Iterator[None]:
+def asset_lock(asset: str) -> Iterator[None]:
     """Serialise fetches of one asset across processes (e.g. pytest-xdist workers)."""
     lock_dir = cache_dir() / ".locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def _exclusive(asset: str) -> Iterator[None]:
 def _scratch_dir(asset: str) -> Iterator[Path]:
     """A temporary directory on the cache's filesystem, so renames out of it are atomic.
 
-    Call it while holding ``_exclusive(asset)``: scratch left by a killed fetch
+    Call it while holding ``asset_lock(asset)``: scratch left by a killed fetch
     of the same asset is then certainly stale and is removed first.
     """
     parent = cache_dir() / ".tmp"
@@ -219,7 +219,7 @@ def mistral_sentencepiece_model() -> Path:
     final = cache_dir() / "tokenizers" / "mistral-v1" / "tokenizer.model"
     if _is_valid_file(final, MISTRAL_V1_SHA256):
         return final
-    with _exclusive("mistral-v1"):
+    with asset_lock("mistral-v1"):
         if _is_valid_file(final, MISTRAL_V1_SHA256):
             return final
         with _scratch_dir("mistral-v1") as scratch:
@@ -255,7 +255,7 @@ def austen_novels() -> Path:
     final = cache_dir() / "corpora" / "austen"
     if _has_all_novels(final):
         return final
-    with _exclusive("austen"):
+    with asset_lock("austen"):
         if _has_all_novels(final):
             return final
         with _scratch_dir("austen") as scratch:
@@ -425,7 +425,7 @@ def corpus_jsonl(name: str) -> Path:
     final = cache_dir() / "corpora" / f"{name}.jsonl"
     if final.is_file():
         return final
-    with _exclusive(f"corpus-{name}"):
+    with asset_lock(f"corpus-{name}"):
         if final.is_file():
             return final
         lines = (json.dumps(document, ensure_ascii=False) + "\n"
@@ -448,7 +448,7 @@ def smollm2_gguf() -> Path:
     final = cache_dir() / "models" / "gguf" / SMOLLM2_GGUF_NAME
     if final.is_file():
         return final  # published only after its hash was verified
-    with _exclusive("smollm2-gguf"):
+    with asset_lock("smollm2-gguf"):
         if final.is_file():
             return final
         with _scratch_dir("smollm2-gguf") as scratch:
@@ -466,7 +466,7 @@ def smollm2_hf_dir() -> Path:
     final = cache_dir() / "models" / "smollm2-135m-instruct"
     if _has_files(final, _SMOLLM2_REQUIRED_FILES):
         return final
-    with _exclusive("smollm2-hf"):
+    with asset_lock("smollm2-hf"):
         if _has_files(final, _SMOLLM2_REQUIRED_FILES):
             return final
         gguf_path = smollm2_gguf()
@@ -519,7 +519,7 @@ def botchan_text() -> Path:
     final = cache_dir() / "corpora" / "botchan"
     if _has_files(final, _BOTCHAN_FILES):
         return final
-    with _exclusive("botchan"):
+    with asset_lock("botchan"):
         if _has_files(final, _BOTCHAN_FILES):
             return final
         with _scratch_dir("botchan") as scratch:

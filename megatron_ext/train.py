@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel

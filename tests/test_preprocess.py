@@ -74,7 +74,7 @@ def test_malformed_row_names_file_and_line(tmp_path, stdlib_jsonl, tokenizer_mod
     assert proc.returncode != 0
     assert f"{bad}:2: field 'text' (from --json-keys) is a int" in proc.stderr
     assert not os.path.exists(tmp_path / "out_text_document.idx")
-    assert not os.path.exists(tmp_path / "out_text_document.bin.tmp")
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # no partial or temporary files
 
     stats = preprocess([str(bad)], str(tmp_path / "out"), "SentencePieceTokenizer", tokenizer_model,
                        skip_malformed=True, progress=False)

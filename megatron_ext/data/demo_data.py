@@ -30,9 +30,11 @@ def prepare_demo_data(out_dir: Optional[str] = None, workers: int = 1) -> Tuple[
     for name, weight in DEMO_BLEND:
         prefix = os.path.join(out_dir, name)
         built = output_prefix_for(prefix, "text")
-        if not os.path.exists(built + ".idx"):
-            stats = preprocess([str(assets.corpus_jsonl(name))], prefix, TOKENIZER_TYPE,
-                               tokenizer_model, append_eod=True, workers=workers, progress=False)
-            print(f"{name}: {stats.summary()}", file=sys.stderr)
+        # Several ranks or sessions may ask at once: one tokenizes, the others wait and reuse.
+        with assets.asset_lock(f"demo-data-{name}"):
+            if not os.path.exists(built + ".idx"):
+                stats = preprocess([str(assets.corpus_jsonl(name))], prefix, TOKENIZER_TYPE,
+                                   tokenizer_model, append_eod=True, workers=workers, progress=False)
+                print(f"{name}: {stats.summary()}", file=sys.stderr)
         parts += [str(weight), built]
     return " ".join(parts), tokenizer_model

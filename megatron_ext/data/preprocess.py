@@ -119,7 +119,8 @@ def preprocess(
     dtype = token_dtype(tokenizer.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     prefixes = {key: output_prefix_for(output_prefix, key) for key in json_keys}
-    builders = {key: IndexedDatasetBuilder(prefixes[key] + ".bin.tmp", dtype=dtype) for key in json_keys}
+    tmp = f".tmp{os.getpid()}"  # per process: concurrent runs never share a half-written file
+    builders = {key: IndexedDatasetBuilder(prefixes[key] + ".bin" + tmp, dtype=dtype) for key in json_keys}
     stats = PreprocessStats()
     rows = _read_rows(inputs, json_keys, append_eod)
     try:
@@ -151,13 +152,13 @@ def preprocess(
     except BaseException:
         for key, builder in builders.items():
             builder.data_file.close()
-            _remove_quietly(prefixes[key] + ".bin.tmp")
+            _remove_quietly(prefixes[key] + ".bin" + tmp)
         raise
     for key, builder in builders.items():
-        builder.finalize(prefixes[key] + ".idx.tmp")
+        builder.finalize(prefixes[key] + ".idx" + tmp)
         # .idx last: a prefix whose .idx exists is complete.
-        os.replace(prefixes[key] + ".bin.tmp", prefixes[key] + ".bin")
-        os.replace(prefixes[key] + ".idx.tmp", prefixes[key] + ".idx")
+        os.replace(prefixes[key] + ".bin" + tmp, prefixes[key] + ".bin")
+        os.replace(prefixes[key] + ".idx" + tmp, prefixes[key] + ".idx")
     stats.outputs = tuple(prefixes.values())
     return stats
 
