@@ -37,9 +37,8 @@ from typing import Dict, List, Optional, Sequence
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `torchrun benchmarks/step_overhead.py` puts benchmarks/ on sys.path, not the repository.
-for _path in (_REPO_ROOT, os.path.join(_REPO_ROOT, "tools")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
 
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
@@ -47,6 +46,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 
 from megatron_ext import arguments, parallel, platform  # noqa: E402
 from megatron_ext import train as train_mod  # noqa: E402
+from megatron_ext.data.demo_data import prepare_demo_data  # noqa: E402
 from megatron_ext.data.gpt_data import MicroBatchIterator  # noqa: E402
 from megatron_ext.metrics import MetricsWriter  # noqa: E402
 
@@ -112,29 +112,16 @@ def default_tensor_parallel_size(args, world_size: int) -> int:
     return 2
 
 
-def prepare_demo(workers: int):
-    """(--data-path blend, tokenizer model) of the demo corpus, tokenizing what is missing."""
-    try:
-        from megatron_ext.data.demo_data import prepare_demo_data
-    except ImportError:  # checkouts where only tools/prepare_demo_data.py has it
-        import prepare_demo_data as tool
-        from megatron_ext import assets
-
-        return tool.prepare(str(assets.cache_dir() / "demo-data"), workers)
-    return prepare_demo_data(workers=workers)
-
-
 def resolve_demo_data(args) -> None:
     """Fill --data-path/--tokenizer-* with the demo blend, preparing it once on rank 0.
 
-    Only rank 0 tokenizes: two ranks running prepare() at once would race on the same
-    ``.bin.tmp`` files. The others wait in the broadcast.
+    Rank 0 prepares (others would only wait on its lock) and broadcasts the paths.
     """
     if args.data_path and args.tokenizer_model:
         return
     result = [None]
     if parallel.is_rank0():
-        result[0] = prepare_demo(workers=min(2, os.cpu_count() or 1))
+        result[0] = prepare_demo_data(workers=min(2, os.cpu_count() or 1))
     torch.distributed.broadcast_object_list(result, src=0)
     data_path, tokenizer_model = result[0]
     args.data_path = args.data_path or data_path.split()
