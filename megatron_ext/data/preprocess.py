@@ -15,7 +15,6 @@ import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
@@ -143,7 +142,7 @@ def preprocess(
                 stats.skipped_empty += 1
                 continue
             for key, ids in token_lists.items():
-                builders[key].add_document(torch.tensor(np.asarray(ids, dtype=np.int64)), [len(ids)])
+                builders[key].add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
                 stats.tokens += len(ids)
             stats.documents += 1
         if pool is not None:
