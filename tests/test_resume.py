@@ -26,8 +26,22 @@ def setting(tmp_path_factory, books_data):
 def uninterrupted(setting):
     root, data = setting
     torchrun(2, [*TINY_MODEL, *data, *TRAIN, "--tensor-model-parallel-size", "2",
-                 "--save", str(root / "a"), "--metrics-jsonl", str(root / "a.jsonl")])
+                 "--save", str(root / "a"), "--metrics-jsonl", str(root / "a.jsonl"),
+                 "--tensorboard-dir", str(root / "a-tb")])
     return read_metrics(str(root / "a.jsonl"))
+
+
+def test_tensorboard_scalars_match_the_metrics_file(setting, uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = setting
+    events = EventAccumulator(str(root / "a-tb"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in losses] == [r["iteration"] for r in uninterrupted]
+    for (_, value), record in zip(losses, uninterrupted):
+        assert abs(value - record["loss"]) <= 1e-6 * abs(record["loss"])
+    assert len(events.Scalars("train/grad_norm")) == len(uninterrupted)
 
 
 def _kill_after_first_save(args, env) -> None:
