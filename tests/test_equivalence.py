@@ -49,6 +49,8 @@ def test_losses_and_grad_norms_match_single_process(runs, layout):
     assert [r["iteration"] for r in other] == [1, 2, 3]
     # Training actually moved the model: the three losses are not all the same.
     assert len({round(r["loss"], 6) for r in reference}) == 3
+    diffs = [rel_diff(got["loss"], ref["loss"]) for ref, got in zip(reference, other)]
+    print(f"\n{layout}: relative loss differences per iteration {['%.2e' % d for d in diffs]}")
     for ref, got in zip(reference, other):
         tolerance = 1e-5 if ref["iteration"] == 1 else 1e-4
         assert ref["loss_tokens"] == got["loss_tokens"]
