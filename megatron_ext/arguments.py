@@ -40,6 +40,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="default: --seq-length")
     g.add_argument("--position-embedding-type", choices=["rope"], default="rope")
     g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama-3.1-style RoPE frequency scaling (Megatron-Core's: low/high frequency "
+                        "factors 1 and 4, original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0,
+                   help="factor for --use-rope-scaling")
+    g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
+                   help="linear RoPE position interpolation (HF rope_type 'linear'): positions are "
+                        "divided by this factor")
     g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=True)
@@ -55,6 +63,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"],
                    default="auto", help="auto: Transformer Engine on GPU when importable")
+    g.add_argument("--attention-backend", choices=["auto", "te", "torch"], default="auto",
+                   help="core attention: 'te' = Transformer Engine's DotProductAttention (its own "
+                        "context parallelism); 'torch' = ours (CPU and GPUs without TE; blockwise, "
+                        "document masks); auto = te with the Transformer Engine spec, else torch")
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +75,8 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--cp-comm-type", choices=["p2p", "a2a", "allgather", "a2a+p2p"], default="p2p",
+                   help="Transformer Engine's context-parallel exchange (--attention-backend te)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="default: cuda when available, else cpu (gloo)")
@@ -109,6 +123,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true")
     g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--packed-documents", action="store_true",
+                   help="documents packed into a sequence attend only within themselves, position "
+                        "ids restart per document and targets across a document end are masked "
+                        "(Megatron's --reset-attention-mask also turns this on)")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -193,6 +211,7 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.seq_length > args.max_position_embeddings:
         raise ArgumentError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
                             f"({args.max_position_embeddings})")
+    args.packed_documents = args.packed_documents or args.reset_attention_mask
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # Megatron-LM does the same: SP needs TP > 1.
 

@@ -23,22 +23,39 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import arguments, checkpointing, parallel
+from megatron_ext.data.context_parallel import document_ids_from_eod, slice_for_cp
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, build_gpt_datasets
 from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron_ext.losses import masked_token_loss, reduce_reports
 from megatron_ext.metrics import MetricsWriter
 from megatron_ext.model import build_model, transformer_config
+from megatron_ext.model.cp_attention import DocumentMaskParams
 
 
 @dataclasses.dataclass
 class LanguageModelingObjective:
-    """Next-token prediction over ``loss_mask``; the strategy the schedule calls per micro-batch."""
+    """Next-token prediction over ``loss_mask``; the strategy the schedule calls per micro-batch.
+
+    Every rank reads the whole micro-batch; with context parallelism it keeps its own slice of the
+    sequence (tokens, labels, loss mask, position ids and document ids alike).
+    """
 
     device: torch.device
+    eod_token: Optional[int] = None  # set for packed documents: document ids come from EOD tokens
 
     def forward_step(self, data_iterator, model):
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
-        per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        batch = next(data_iterator)
+        seq_length = batch["tokens"].shape[1]
+        if self.eod_token is not None:
+            # From the whole sequence, before slicing: every rank must agree on the boundaries.
+            batch["document_ids"] = document_ids_from_eod(batch["tokens"], self.eod_token)
+        batch = slice_for_cp(batch, parallel_state.get_context_parallel_world_size(),
+                             parallel_state.get_context_parallel_rank())
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        documents = (DocumentMaskParams.for_tokens(batch["document_ids"], seq_length)
+                     if "document_ids" in batch else None)
+        per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                               packed_seq_params=documents)
         return per_token_loss, functools.partial(masked_token_loss, batch["loss_mask"])
 
 
@@ -139,16 +156,19 @@ def setup(args: argparse.Namespace, plat) -> TrainingSetup:
         num_samples=[args.train_iters * args.global_batch_size,
                      args.eval_iters * args.global_batch_size if eval_runs else 0, 0],
         cache_dir=args.data_cache_path,
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
+        reset_position_ids=args.reset_position_ids or args.packed_documents,
+        # Document masks are built from EOD tokens in forward_step, not as dense masks here.
+        reset_attention_mask=False,
+        # A token at a document end must not learn to predict the next document.
+        eod_mask_loss=args.eod_mask_loss or args.packed_documents,
     )
     if train_ds is None and args.train_iters > 0:
         raise ValueError(f"--split {args.split} leaves no training data")
     if eval_runs and valid_ds is None:
         raise ValueError(f"--eval-interval is set but --split {args.split} leaves no validation data")
-    return TrainingSetup(args, model, optimizer, scheduler, LanguageModelingObjective(device),
-                         train_ds, valid_ds, layout, iteration)
+    objective = LanguageModelingObjective(device, tokenizer.eod if args.packed_documents else None)
+    return TrainingSetup(args, model, optimizer, scheduler, objective, train_ds, valid_ds, layout,
+                         iteration)
 
 
 def run_schedule(s: TrainingSetup, data_iterator, forward_only: bool) -> Dict[str, float]:

@@ -1,4 +1,4 @@
-"""The same run under TP=2, DP=2 and PP=2 (2 gloo ranks) gives the losses of the single-process run.
+"""The same run under TP, DP, PP and CP layouts gives the losses of the single-process run.
 
 All layouts start from one initial checkpoint (loaded with --finetune, which reshards it), train 3
 iterations on the same global batches of real text in fp32, and must agree on every iteration's
@@ -20,6 +20,11 @@ LAYOUTS = {
     "TP=2+distributed-optimizer": (2, ["--tensor-model-parallel-size", "2",
                                        "--use-distributed-optimizer"]),
     "DP=2+full-recompute": (2, ["--recompute-granularity", "full"]),
+    # Context parallelism with our torch attention (load-balanced chunks, K/V all-gather).
+    "CP=2": (2, ["--context-parallel-size", "2"]),
+    "CP=4": (4, ["--context-parallel-size", "4"]),
+    "CP=2xTP=2": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2"]),
+    "CP=2xDP=2": (4, ["--context-parallel-size", "2"]),
 }
 
 

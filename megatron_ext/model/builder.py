@@ -17,6 +17,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_ext.model.cp_attention import TorchContextParallelAttention
+from megatron_ext.model.rotary import PositionIdsGPTModel
+
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
     if args.bf16:
@@ -52,6 +55,7 @@ def transformer_config(args: argparse.Namespace, on_cpu: bool) -> TransformerCon
         pipeline_dtype=dtype,
         bf16=args.bf16,
         fp16=args.fp16,
+        cp_comm_type=args.cp_comm_type,
         # Initialise full weights on CPU and slice them, so TP ranks hold pieces of one model.
         use_cpu_initialization=True,
         perform_initialization=True,
@@ -88,19 +92,39 @@ def use_transformer_engine(args: argparse.Namespace, on_cpu: bool) -> bool:
     return args.transformer_impl == "auto" and not on_cpu and _te_available()
 
 
+def attention_backend(args: argparse.Namespace, on_cpu: bool) -> str:
+    """'te' or 'torch' (see --attention-backend)."""
+    with_te = use_transformer_engine(args, on_cpu)
+    if args.attention_backend == "te" and not with_te:
+        raise RuntimeError("--attention-backend te needs the Transformer Engine layer spec (a GPU "
+                           "with transformer_engine importable); use --attention-backend torch")
+    if args.attention_backend == "auto":
+        return "te" if with_te else "torch"
+    return args.attention_backend
+
+
 def layer_spec(args: argparse.Namespace, on_cpu: bool) -> ModuleSpec:
     if use_transformer_engine(args, on_cpu):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=args.normalization)
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization=args.normalization)
+    if attention_backend(args, on_cpu) == "torch":
+        # Our core attention: context parallelism without TE, document masks, no S x S scores.
+        spec.submodules.self_attention.submodules.core_attention = TorchContextParallelAttention
+    return spec
 
 
 def build_model(args: argparse.Namespace, config: TransformerConfig, on_cpu: bool,
                 vocab_size: int) -> GPTModel:
-    """This rank's stage of the model (first/last stages own embedding/output layer)."""
-    return GPTModel(
+    """This rank's stage of the model (first/last stages own embedding/output layer).
+
+    RoPE angles come from the batch's position ids (PoSE/LongRecipe/packed documents need that;
+    the stock GPTModel assumes 0..s-1).
+    """
+    return PositionIdsGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(args, on_cpu),
         vocab_size=vocab_size,
@@ -111,4 +135,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, on_cpu: boo
         position_embedding_type="rope",
         rotary_base=args.rotary_base,
         rotary_percent=1.0,
+        rope_scaling=getattr(args, "use_rope_scaling", False),
+        rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
+        seq_len_interpolation_factor=getattr(args, "rotary_seq_len_interpolation_factor", None),
     )

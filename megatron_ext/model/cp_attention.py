@@ -1,0 +1,443 @@
+"""Core attention with context parallelism (CP) in plain torch, for CPU and GPUs without TE.
+
+Megatron-Core's only CP attention is Transformer Engine's; its local ``DotProductAttention``
+asserts CP == 1. ``TorchContextParallelAttention`` is a drop-in for the layer spec's
+``core_attention`` submodule that works for any CP size (CP=1 included):
+
+* Layout: Megatron's load-balanced one (``megatron_ext.data.context_parallel``): rank r holds
+  chunks r and 2*CP-1-r of the sequence. Causal masking uses the *global* index of every token in
+  that layout (not the position ids, which skip-wise schemes or per-document resets change).
+* Exchange: every rank all-gathers the keys and values of the CP group with our autograd-correct
+  ``all_gather_seq`` (its backward sums key/value gradients over the group). A ring exchange
+  would keep only two key/value chunks per rank; not implemented.
+* Compute: queries and keys are cut into blocks (default: one CP chunk, ``S / (2*CP)`` tokens,
+  or ``max_block_size``), softmax is merged across key blocks with a running log-sum-exp, and
+  blocks that the causal / document mask hides entirely are skipped. No rank ever materialises an
+  ``S x S`` score matrix; the largest temporary is ``[b, heads, block, block]``.
+* Backward: a custom autograd Function that recomputes each block's probabilities from the saved
+  (q, k, v, out, lse), FlashAttention style, instead of saving them.
+* Documents: packed sequences attend only within their document. Document ids of the local tokens
+  travel in ``DocumentMaskParams`` (a ``PackedSeqParams`` with ``qkv_format='sbhd'``), which
+  ``GPTModel.forward(packed_seq_params=...)`` hands down to every core attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_ext.comm import all_gather_seq
+from megatron_ext.data.context_parallel import cp_chunk_spans
+
+# ------------------------------------------------------------------------------------------------
+# How document ids reach core attention
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DocumentMaskParams(PackedSeqParams):
+    """Document ids of this rank's tokens for document-masked attention, in the ``sbhd`` format.
+
+    ``document_ids``: LongTensor [b, s_local] (sliced with ``slice_for_cp`` like the tokens).
+    ``max_seqlen_q/kv`` hold the full (pre-CP) sequence length because the stock
+    ``GPTModel._preprocess`` sizes its rotary table from them whenever ``packed_seq_params`` is
+    given (``PositionIdsGPTModel`` does not need them); ``cu_seqlens_*`` stay None.
+    """
+
+    document_ids: Optional[Tensor] = None
+
+    def __post_init__(self):
+        if self.qkv_format is None:
+            self.qkv_format = "sbhd"
+        if self.qkv_format != "sbhd":
+            raise ValueError(f"DocumentMaskParams carries per-token document ids for the sbhd "
+                             f"format, got qkv_format={self.qkv_format!r}")
+
+    @classmethod
+    def for_tokens(cls, document_ids: Tensor, seq_length: int) -> "DocumentMaskParams":
+        """``document_ids`` [b, s_local] of this rank's tokens; ``seq_length``: ``--seq-length``."""
+        return cls(qkv_format="sbhd", document_ids=document_ids, max_seqlen_q=seq_length,
+                   max_seqlen_kv=seq_length)
+
+
+def _document_ids_from(packed_seq_params: Optional[PackedSeqParams]) -> Optional[Tensor]:
+    if packed_seq_params is None:
+        return None
+    if isinstance(packed_seq_params, DocumentMaskParams):
+        return packed_seq_params.document_ids
+    raise ValueError(
+        f"TorchContextParallelAttention takes document boundaries as DocumentMaskParams "
+        f"(qkv_format='sbhd'), got {type(packed_seq_params).__name__} with qkv_format="
+        f"{packed_seq_params.qkv_format!r}; the THD/cu_seqlens format is Transformer Engine's")
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks: contiguous runs of tokens with known global positions
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """``length`` tokens at ``start`` of a local tensor: global positions ``global_start`` on."""
+
+    start: int
+    global_start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def global_last(self) -> int:
+        return self.global_start + self.length - 1
+
+
+def default_block_size(seq_len: int, cp_size: int, max_block_size: Optional[int] = None) -> int:
+    """One CP chunk (``S / (2*CP)``, also for CP=1) unless ``max_block_size`` is smaller."""
+    chunk = math.ceil(seq_len / (2 * cp_size))
+    return max(1, min(chunk, max_block_size or chunk))
+
+
+def layout_blocks(seq_len: int, cp_size: int, ranks: Sequence[int], block_size: int) -> List[Block]:
+    """Blocks covering the concatenation of ``ranks``' local tokens (in that order).
+
+    Blocks never straddle a CP chunk, so each one is contiguous in global positions and causal
+    visibility between two blocks is decided from four integers.
+    """
+    blocks, offset = [], 0
+    for rank in ranks:
+        for global_start, length in cp_chunk_spans(seq_len, cp_size, rank):
+            for piece in range(0, length, block_size):
+                size = min(block_size, length - piece)
+                blocks.append(Block(offset + piece, global_start + piece, size))
+            offset += length
+    return blocks
+
+
+def _visibility(qb: Block, kb: Block, q_docs: Optional[Tensor], k_docs: Optional[Tensor],
+                causal: bool, device: torch.device):
+    """(skip, mask): skip when no query of ``qb`` sees any key of ``kb``; else a bool mask
+    [b or 1, bq, bk] (True = visible) or None when everything is visible."""
+    if causal and kb.global_start > qb.global_last:
+        return True, None  # every key comes after every query
+    mask = None
+    if causal and kb.global_last > qb.global_start:  # the diagonal crosses this block
+        q_pos = torch.arange(qb.global_start, qb.global_last + 1, device=device)
+        k_pos = torch.arange(kb.global_start, kb.global_last + 1, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None]).unsqueeze(0)
+    if q_docs is not None:
+        same_doc = q_docs[:, qb.start:qb.end, None] == k_docs[:, None, kb.start:kb.end]
+        mask = same_doc if mask is None else mask & same_doc
+        # (One host sync per block pair on GPU; skipping is an optimisation, not needed for
+        # correctness: a fully hidden block contributes exp(-inf) = 0.)
+        if not bool(mask.any()):
+            return True, None  # different documents throughout
+    return False, mask
+
+
+# ------------------------------------------------------------------------------------------------
+# Blockwise attention with log-sum-exp merging.
+# Tensors stay sequence-first as Megatron hands them over (q [s, b, g, r, d], k/v [s, b, g, d], with
+# g = query groups and r = queries per group, so GQA never copies keys/values per head): a block is
+# a slice along dim 0, and only block-sized tensors are ever rearranged.
+# ------------------------------------------------------------------------------------------------
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs (fp64 stays fp64, which tests use for exact references)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """Matmul in the inputs' dtype (tensor cores for bf16), result in the accumulation dtype."""
+    product = torch.matmul(a.to(compute_dtype), b.to(compute_dtype))
+    return product.to(_accumulation_dtype(compute_dtype))
+
+
+def _heads_first(block: Tensor) -> Tensor:
+    """[s, b, g, (r,) d] -> [b, g, (r,) s, d] (a view)."""
+    return block.movedim(0, -2)
+
+
+def _block_scores(q_blk: Tensor, k_blk: Tensor, scale: float, mask: Optional[Tensor]) -> Tensor:
+    """Scores [b, g, r, bq, bk] in the accumulation dtype; hidden pairs are -inf."""
+    scores = _mm(q_blk, k_blk.transpose(-1, -2).unsqueeze(2), q_blk.dtype).mul_(scale)
+    if mask is not None:
+        scores.masked_fill_(~mask[:, None, None], float("-inf"))
+    return scores
+
+
+def _forward_query_block(q_blk, k, v, qb, k_blocks, q_docs, k_docs, causal, scale):
+    """Output [b, g, r, bq, dv] and log-sum-exp [b, g, r, bq] of a query block [b, g, r, bq, d]."""
+    b, g, r, bq, _ = q_blk.shape
+    acc_dtype = _accumulation_dtype(q_blk.dtype)
+    running_max = q_blk.new_full((b, g, r, bq), float("-inf"), dtype=acc_dtype)
+    running_sum = torch.zeros_like(running_max)
+    acc = q_blk.new_zeros((b, g, r, bq, v.shape[-1]), dtype=acc_dtype)
+    for kb in k_blocks:
+        skip, mask = _visibility(qb, kb, q_docs, k_docs, causal, q_blk.device)
+        if skip:
+            continue
+        scores = _block_scores(q_blk, _heads_first(k[kb.start:kb.end]), scale, mask)
+        new_max = torch.maximum(running_max, scores.amax(dim=-1))
+        # A row with nothing visible so far has max -inf; subtract 0 instead to avoid inf - inf.
+        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
+        probs = scores.sub_(shift[..., None]).exp_()  # in place: one block-sized buffer, not three
+        rescale = torch.exp(running_max - shift)
+        running_sum = running_sum * rescale + probs.sum(dim=-1)
+        v_blk = _heads_first(v[kb.start:kb.end]).unsqueeze(2)
+        acc = acc * rescale[..., None] + _mm(probs, v_blk, v.dtype)
+        running_max = new_max
+    out = acc / running_sum.clamp_min(torch.finfo(acc_dtype).tiny)[..., None]
+    # lse = +inf for a row that saw no key (impossible with causal self-attention, where a token
+    # sees itself): the backward's exp(score - lse) is then 0 instead of NaN.
+    lse = torch.where(running_sum > 0, running_max + torch.log(running_sum),
+                      torch.full_like(running_sum, float("inf")))
+    return out, lse
+
+
+def _backward_query_block(q_blk, k, v, o_blk, do_blk, lse_blk, qb, k_blocks, q_docs, k_docs,
+                          causal, scale, dk, dv):
+    """dq [b, g, r, bq, d] of one query block; adds this block's share into ``dk``/``dv``."""
+    b, g, r, bq, d = q_blk.shape
+    dtype = q_blk.dtype
+    acc_dtype = _accumulation_dtype(dtype)
+    # D_i = sum_j dO_ij O_ij = sum_k P_ik dP_ik: the softmax Jacobian's correction term per row.
+    delta = (do_blk.to(acc_dtype) * o_blk.to(acc_dtype)).sum(dim=-1)
+    q_rows = q_blk.reshape(b, g, r * bq, d)  # the r query heads of a group share keys: one matmul
+    do_rows = do_blk.reshape(b, g, r * bq, do_blk.shape[-1])
+    dq = torch.zeros(q_blk.shape, dtype=acc_dtype, device=q_blk.device)
+    for kb in k_blocks:
+        skip, mask = _visibility(qb, kb, q_docs, k_docs, causal, q_blk.device)
+        if skip:
+            continue
+        k_blk = _heads_first(k[kb.start:kb.end])
+        v_blk = _heads_first(v[kb.start:kb.end])
+        probs = _block_scores(q_blk, k_blk, scale, mask).sub_(lse_blk[..., None]).exp_()
+        dv_blk = _mm(probs.reshape(b, g, r * bq, -1).transpose(-1, -2), do_rows, dtype)
+        dv[kb.start:kb.end] += dv_blk.movedim(-2, 0)
+        dprobs = _mm(do_blk, v_blk.transpose(-1, -2).unsqueeze(2), dtype)
+        dscores = dprobs.sub_(delta[..., None]).mul_(probs)  # dS = P * (dP - D), in place
+        dq += _mm(dscores, k_blk.unsqueeze(2), dtype).mul_(scale)
+        dk_blk = _mm(dscores.reshape(b, g, r * bq, -1).transpose(-1, -2), q_rows, dtype)
+        dk[kb.start:kb.end] += dk_blk.mul_(scale).movedim(-2, 0)
+    return dq
+
+
+class _BlockwiseAttention(torch.autograd.Function):
+    """Blockwise softmax attention; the backward recomputes probabilities block by block.
+
+    q [sq, b, g, r, d], k/v [sk, b, g, d] -> out [sq, b, g, r, dv]. Saves q, k, v, out and the
+    log-sum-exp [sq, b, g, r]; nothing of size sq x sk.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_blocks, k_blocks, q_docs, k_docs, causal, scale):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = q.new_empty(q.shape[:-1], dtype=_accumulation_dtype(q.dtype))
+        for qb in q_blocks:
+            rows = slice(qb.start, qb.end)
+            out_blk, lse_blk = _forward_query_block(
+                _heads_first(q[rows]), k, v, qb, k_blocks, q_docs, k_docs, causal, scale)
+            out[rows] = out_blk.movedim(-2, 0)
+            lse[rows] = lse_blk.movedim(-1, 0)
+        ctx.save_for_backward(q, k, v, out, lse, q_docs, k_docs)
+        ctx.layout = (q_blocks, k_blocks, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, q_docs, k_docs = ctx.saved_tensors
+        q_blocks, k_blocks, causal, scale = ctx.layout
+        acc_dtype = _accumulation_dtype(q.dtype)
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+        for qb in q_blocks:
+            rows = slice(qb.start, qb.end)
+            dq_blk = _backward_query_block(
+                _heads_first(q[rows]), k, v, _heads_first(out[rows]), _heads_first(dout[rows]),
+                lse[rows].movedim(0, -1), qb, k_blocks, q_docs, k_docs, causal, scale, dk, dv)
+            dq[rows] = dq_blk.movedim(-2, 0)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# The CP computation without communication (testable in one process)
+# ------------------------------------------------------------------------------------------------
+
+def context_parallel_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    seq_len: int,
+    cp_size: int,
+    cp_rank: int,
+    softmax_scale: float,
+    query_document_ids: Optional[Tensor] = None,
+    key_document_ids: Optional[Tensor] = None,
+    causal: bool = True,
+    max_block_size: Optional[int] = None,
+) -> Tensor:
+    """Attention of this rank's queries over every rank's keys, in Megatron's shapes.
+
+    query: [seq_len / cp_size, b, np, hn], this rank's tokens in the load-balanced layout.
+    key / value: [seq_len, b, ng, hn(v)], all ranks' tokens in rank order (what an all-gather of
+        every rank's local keys returns). np must be a multiple of ng (GQA).
+    query_document_ids: [b, seq_len / cp_size]; key_document_ids: [b, seq_len] (rank order).
+    Returns [seq_len / cp_size, b, np * hn(v)].
+    """
+    sq, b, heads, head_dim = query.shape
+    groups = key.shape[2]
+    if heads % groups:
+        raise ValueError(f"{heads} query heads cannot share {groups} key/value groups evenly")
+    if sq * cp_size != seq_len or key.shape[0] != seq_len or value.shape[0] != seq_len:
+        raise ValueError(f"expected {seq_len // cp_size} local queries and {seq_len} keys/values "
+                         f"for sequence length {seq_len} at CP={cp_size}, got {sq} and "
+                         f"{key.shape[0]}")
+    if (query_document_ids is None) != (key_document_ids is None):
+        raise ValueError("pass document ids for both queries and keys, or for neither")
+
+    block = default_block_size(seq_len, cp_size, max_block_size)
+    q_blocks = layout_blocks(seq_len, cp_size, [cp_rank], block)
+    k_blocks = layout_blocks(seq_len, cp_size, range(cp_size), block)
+
+    # Head h uses key/value group h // (heads / groups), as in Megatron's repeat_interleave.
+    q = query.reshape(sq, b, groups, heads // groups, head_dim)
+    out = _BlockwiseAttention.apply(q, key, value, q_blocks, k_blocks, query_document_ids,
+                                    key_document_ids, causal, softmax_scale)
+    return out.reshape(sq, b, heads * value.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The Megatron module
+# ------------------------------------------------------------------------------------------------
+
+def _cp_group_from(pg_collection) -> Optional[torch.distributed.ProcessGroup]:
+    if pg_collection is not None and hasattr(pg_collection, "cp"):
+        return pg_collection.cp
+    return parallel_state.get_context_parallel_group(check_initialized=False)
+
+
+class TorchContextParallelAttention(MegatronModule):
+    """Drop-in ``core_attention`` (same constructor and forward as Megatron's
+    ``DotProductAttention``) with context parallelism and document masking, in plain torch.
+
+    forward(query [sq, b, np, hn], key [sq, b, ng, hn], value, attention_mask=None,
+            attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> [sq, b, np * hn]
+
+    ``packed_seq_params``: None, or ``DocumentMaskParams`` with this rank's document ids.
+    ``attention_mask`` must be None: the causal mask follows from ``attn_mask_type`` and the CP
+    layout, document boundaries from ``DocumentMaskParams`` (a dense [b, 1, s, s] mask is what CP
+    exists to avoid). ``cp_comm_type`` is accepted for signature compatibility; this backend
+    always exchanges keys/values by all-gather. ``max_block_size`` (extra, via
+    ``ModuleSpec(params=...)``) caps the attention block below one CP chunk to save memory.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        max_block_size: Optional[int] = None,
+    ):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"TorchContextParallelAttention does not implement attention dropout "
+                             f"(got {dropout}); set --attention-dropout 0 (long-context training "
+                             f"uses 0) or use the TE backend")
+        if attention_type != "self":
+            raise ValueError(f"TorchContextParallelAttention supports self-attention only, got "
+                             f"{attention_type!r}")
+        if config.window_size is not None:
+            raise ValueError("sliding-window attention is not supported by the torch CP backend")
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"softmax_type {config.softmax_type!r} is not supported by the torch "
+                             f"CP backend")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = self._check_mask_type(attn_mask_type)
+        self.attention_type = attention_type
+        self.cp_comm_type = cp_comm_type
+        self.max_block_size = max_block_size
+        # apply_query_key_layer_scaling divides the scale by the layer number and multiplies the
+        # scores back before the softmax: the same math, so it needs nothing here.
+        self.softmax_scale = (softmax_scale if softmax_scale is not None
+                              else 1.0 / math.sqrt(config.kv_channels))
+        self.cp_group = _cp_group_from(pg_collection)
+        group_size = 1 if self.cp_group is None else self.cp_group.size()
+        if group_size != config.context_parallel_size:
+            raise ValueError(f"context-parallel group has {group_size} ranks but "
+                             f"--context-parallel-size is {config.context_parallel_size}")
+
+    @staticmethod
+    def _check_mask_type(mask_type: AttnMaskType) -> AttnMaskType:
+        if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise ValueError(f"attention mask type {mask_type} is not supported by the torch CP "
+                             f"backend (causal or no_mask; documents via DocumentMaskParams)")
+        return mask_type
+
+    def _cp_size_and_rank(self):
+        if self.cp_group is None:
+            return 1, 0
+        return self.cp_group.size(), self.cp_group.rank()
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        if attention_mask is not None:
+            raise ValueError("TorchContextParallelAttention takes no dense attention_mask: causal "
+                             "masking comes from the mask type and CP layout, document boundaries "
+                             "from DocumentMaskParams(document_ids=...) as packed_seq_params")
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by the torch CP backend")
+        mask_type = self._check_mask_type(attn_mask_type or self.attn_mask_type)
+        document_ids = _document_ids_from(packed_seq_params)
+        local_tokens = (query.shape[1], query.shape[0])
+        if document_ids is not None and tuple(document_ids.shape) != local_tokens:
+            raise ValueError(f"document_ids shape {tuple(document_ids.shape)} does not match this "
+                             f"rank's tokens [b={query.shape[1]}, s={query.shape[0]}]; slice them "
+                             f"with slice_for_cp like the tokens")
+
+        cp_size, cp_rank = self._cp_size_and_rank()
+        key_all, value_all, key_document_ids = self._gather_keys_values(key, value, document_ids)
+        return context_parallel_attention(
+            query, key_all, value_all,
+            seq_len=query.shape[0] * cp_size, cp_size=cp_size, cp_rank=cp_rank,
+            softmax_scale=self.softmax_scale,
+            query_document_ids=document_ids, key_document_ids=key_document_ids,
+            causal=mask_type == AttnMaskType.causal, max_block_size=self.max_block_size)
+
+    def _gather_keys_values(self, key: Tensor, value: Tensor, document_ids: Optional[Tensor]):
+        """Every CP rank's keys, values (and document ids), in rank order."""
+        cp_size, _ = self._cp_size_and_rank()
+        if cp_size == 1:
+            return key, value, document_ids
+        # Two gathers rather than one of cat(key, value): the cat and its backward would each
+        # add a full-sequence copy.
+        key_all = all_gather_seq(key, self.cp_group, dim=0)
+        value_all = all_gather_seq(value, self.cp_group, dim=0)
+        key_document_ids = None
+        if document_ids is not None:
+            key_document_ids = all_gather_seq(document_ids.contiguous(), self.cp_group, dim=1)
+        return key_all, value_all, key_document_ids
