@@ -57,3 +57,23 @@ def test_packed_losses_equal_under_context_parallelism(paragraphs):
     # Document masking, restarted positions and masked cross-document targets all change the loss.
     assert packed[0]["loss_tokens"] < plain[0]["loss_tokens"]
     assert rel_diff(packed[0]["loss"], plain[0]["loss"]) > 1e-4
+
+
+def test_packed_documents_score_like_each_document_alone(paragraphs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from launch import REPO_ROOT, free_port
+
+    _, _, tokenizer = paragraphs
+    novel = assets.require(assets.austen_novels) / "emma.txt"
+    texts = [p.replace("\n", " ") for p in novel.read_text().split("\n\n") if 150 < len(p) < 500][:3]
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "tests/packed_alone_worker.py", tokenizer, json.dumps(texts)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["documents"]) == 3 and sum(result["documents"]) <= 512
+    assert result["max_rel_diff"] <= 1e-5, result

@@ -1,0 +1,63 @@
+"""Run by tests/test_packed_documents.py in a fresh process: one rank, a tiny real model.
+
+Per-token losses of three real documents packed into one sequence (document masks, positions
+restarting per document) must equal those of each document run alone.
+"""
+
+import json
+import sys
+
+import torch
+
+from megatron_ext import arguments, parallel
+from megatron_ext.data.context_parallel import document_ids_from_eod
+from megatron_ext.data.tokenizer import build_tokenizer
+from megatron_ext.model import build_model, transformer_config
+from megatron_ext.model.cp_attention import DocumentMaskParams
+
+
+def per_token_loss(model, tokens, positions, labels, documents=None):
+    params = None if documents is None else DocumentMaskParams.for_tokens(documents, tokens.shape[1])
+    with torch.no_grad():
+        return model(tokens, positions, None, labels=labels, packed_seq_params=params)[0]
+
+
+def main(tokenizer_model: str, texts_json: str) -> None:
+    args = arguments.build_parser().parse_args([
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--num-query-groups", "2", "--seq-length", "512", "--device", "cpu"])
+    # Model-side defaults only (no data flags): what arguments.finalize() would derive.
+    args.data_parallel_size, args.padded_vocab_size = 1, 32000
+    for name, value in (("kv_channels", 16), ("ffn_hidden_size", 192),
+                        ("max_position_embeddings", 512), ("packed_documents", True)):
+        setattr(args, name, value)
+    parallel.initialize(device="cpu")
+    torch.manual_seed(0)
+    from megatron.core import tensor_parallel
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    model = build_model(args, transformer_config(args, on_cpu=True), True, args.padded_vocab_size)
+    model.eval()
+
+    tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)
+    docs = [tokenizer.tokenize(t) + [tokenizer.eod] for t in json.loads(texts_json)]
+    packed = torch.tensor([sum(docs, [])])
+    labels = torch.roll(packed, -1, dims=1)
+    document_ids = document_ids_from_eod(packed, tokenizer.eod)
+    positions = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
+    together = per_token_loss(model, packed, positions, labels, document_ids)
+
+    start, worst = 0, 0.0
+    for doc in docs:
+        alone_tokens = torch.tensor([doc])
+        alone_labels = labels[:, start:start + len(doc)]
+        alone = per_token_loss(model, alone_tokens, torch.arange(len(doc)).unsqueeze(0), alone_labels)
+        # The last token of a document predicts the next document: excluded by the loss mask.
+        got, want = together[start:start + len(doc) - 1], alone[:len(doc) - 1]
+        worst = max(worst, ((got - want).abs() / want.abs()).max().item())
+        start += len(doc)
+    print(json.dumps({"documents": [len(d) for d in docs], "max_rel_diff": worst}))
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
