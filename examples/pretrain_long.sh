@@ -2,10 +2,9 @@
 # Long-context pretraining with megatron_ext. Every size is an environment variable; the defaults
 # are the CPU demo (2 gloo ranks, a 20M-parameter Llama-style model, real books + code, ~5 min).
 #
-#   bash examples/pretrain_long.sh                       # launches torchrun itself (NPROC ranks)
-#   torchrun --nproc-per-node 8 examples/pretrain_long.sh  # NOT this: torchrun runs python files;
-#   torchrun --nproc-per-node 8 --no-python bash examples/pretrain_long.sh   # this works
-#   srun bash examples/pretrain_long.sh                  # one SLURM task per GPU (see slurm/)
+#   bash examples/pretrain_long.sh                                        # starts torchrun itself (NPROC ranks)
+#   torchrun --nproc-per-node 8 --no-python bash examples/pretrain_long.sh  # under your own torchrun
+#   srun bash examples/pretrain_long.sh                                   # one SLURM task per GPU (slurm/)
 #
 # A GPU run of a Llama-3-8B-like model at 64K, for instance:
 #   NPROC=8 TP=4 CP=2 NUM_LAYERS=32 HIDDEN_SIZE=4096 FFN_HIDDEN_SIZE=14336 NUM_HEADS=32 \
