@@ -25,8 +25,8 @@ class ConversionError(ValueError):
     """Bad or unsupported input; the message names the field or tensor and what to do."""
 
 
-# RoPE as Megatron-Core's GPTModel implements it. Llama-3.x scaling there has fixed
-# low/high frequency factors and original context; only the factor is a parameter.
+# Llama-3.x RoPE scaling as Megatron's flags express it (--use-rope-scaling,
+# --rope-scaling-factor): the low/high frequency factors and original context are fixed.
 MEGATRON_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -87,8 +87,8 @@ def _read_rope(cfg: Mapping[str, Any]) -> tuple:
     params = cfg.get("rope_parameters")
     if params is not None:
         if params and all(isinstance(v, Mapping) for v in params.values()):
-            raise ConversionError(f"rope_parameters has one entry per layer type ({sorted(params)}); "
-                                  "per-layer RoPE is not supported")
+            raise ConversionError(f"rope_parameters has one entry per layer type "
+                                  f"({sorted(params)}); per-layer RoPE is not supported")
         theta = params.get("rope_theta", cfg.get("rope_theta"))
     else:  # transformers 4
         params = cfg.get("rope_scaling") or {}
@@ -96,8 +96,8 @@ def _read_rope(cfg: Mapping[str, Any]) -> tuple:
     theta = 10000.0 if theta is None else float(theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConversionError("partial_rotary_factor != 1 is not supported (Megatron's rotary_percent "
-                              "would be needed)")
+        raise ConversionError("partial_rotary_factor != 1 is not supported (Megatron's "
+                              "rotary_percent would be needed)")
     if rope_type == "default":
         return theta, None
     if rope_type == "linear":
@@ -108,9 +108,9 @@ def _read_rope(cfg: Mapping[str, Any]) -> tuple:
             value = params.get(key, fixed)
             if float(value) != float(fixed):
                 raise ConversionError(
-                    f"rope llama3 {key}={value}: Megatron-Core's GPTModel implements Llama-3 RoPE "
-                    f"scaling only with {MEGATRON_LLAMA3_FIXED}")
-            scaling[key] = type(fixed)(value) if key != "original_max_position_embeddings" else int(value)
+                    f"rope llama3 {key}={value}: megatron_ext.train's --use-rope-scaling "
+                    f"(Megatron's Llama-3 RoPE scaling) fixes {MEGATRON_LLAMA3_FIXED}")
+            scaling[key] = type(fixed)(value)
         return theta, scaling
     raise ConversionError(f"rope type {rope_type!r} is not supported; supported: default, linear, "
                           "llama3")
@@ -131,7 +131,8 @@ def read_hf_config(config) -> ModelSpec:
     groups = int(cfg.get("num_key_value_heads") or heads)
     head_dim = cfg.get("head_dim") or hidden // heads
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        raise ConversionError(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU needs "
+                              "silu)")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise ConversionError(f"{flag}=true is not supported: megatron_ext has QKV-only biases "
@@ -179,7 +180,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
 
 
 def model_flags(config, make_vocab_size_divisible_by: int = 128) -> List[str]:
-    """The ``megatron_ext.train`` model flags for a HF config (folder, config.json, dict or config)."""
+    """``megatron_ext.train`` model flags for a HF config (folder, config.json, dict, config)."""
     spec = config if isinstance(config, ModelSpec) else read_hf_config(config)
     flags = [
         "--num-layers", str(spec.num_layers),
@@ -229,7 +230,7 @@ def check_layout(spec: ModelSpec, tp: int, pp: int) -> None:
 # ------------------------------------------------------------------------------------------
 
 def spec_matches_model_args(spec: ModelSpec, model_args: Mapping[str, Any]) -> List[str]:
-    """Differences between a ModelSpec and a checkpoint's model_args.json (empty when consistent)."""
+    """Differences between a ModelSpec and a checkpoint's model_args.json (empty: consistent)."""
     expected = {
         "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
         "ffn_hidden_size": spec.ffn_hidden_size, "num_attention_heads": spec.num_attention_heads,
@@ -267,6 +268,7 @@ def spec_from_model_args(model_args: Mapping[str, Any]) -> ModelSpec:
 
 # Fields the export derives from the ModelSpec; everything else is kept from the reference config.
 _V4_ROPE_KEYS = ("rope_theta", "rope_scaling")
+_REGENERATED_KEYS = ("transformers_version", "torch_dtype", "_name_or_path")
 
 
 def to_hf_config(spec: ModelSpec, reference: Optional[Mapping[str, Any]] = None,
@@ -275,7 +277,7 @@ def to_hf_config(spec: ModelSpec, reference: Optional[Mapping[str, Any]] = None,
     from transformers import AutoConfig
 
     d = {k: v for k, v in (reference or {}).items()
-         if k not in _V4_ROPE_KEYS and k not in ("transformers_version", "torch_dtype", "_name_or_path")}
+         if k not in _V4_ROPE_KEYS + _REGENERATED_KEYS}
     d.update(
         architectures=[spec.family.architecture], model_type=spec.family.model_type,
         num_hidden_layers=spec.num_layers, hidden_size=spec.hidden_size,
@@ -285,7 +287,8 @@ def to_hf_config(spec: ModelSpec, reference: Optional[Mapping[str, Any]] = None,
         tie_word_embeddings=spec.tie_word_embeddings, rope_parameters=spec.rope_parameters(),
         hidden_act="silu",
     )
-    if spec.family.model_type != "qwen2" or spec.head_dim != spec.hidden_size // spec.num_attention_heads:
+    derived_head_dim = spec.hidden_size // spec.num_attention_heads
+    if spec.family.model_type != "qwen2" or spec.head_dim != derived_head_dim:
         d["head_dim"] = spec.head_dim  # Qwen2 reads it when present, else derives it
     if spec.family.name == "mistral":
         d["sliding_window"] = spec.sliding_window

@@ -92,8 +92,8 @@ def family_for(architectures: Optional[Sequence[str]], model_type: Optional[str]
             if family.model_type == model_type:
                 return family
     supported = ", ".join(f.architecture for f in FAMILIES.values())
-    raise ConversionError(f"unsupported architecture {architectures or model_type!r}: this converter "
-                          f"has tables for {supported}")
+    raise ConversionError(f"unsupported architecture {architectures or model_type!r}: this "
+                          f"converter has tables for {supported}")
 
 
 # ------------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ class FuseQKV(Transform):
     def hf_shapes(self, megatron_shape, spec):
         rest = tuple(megatron_shape[1:])
         kv_rows = spec.num_query_groups * spec.head_dim
-        return [(spec.num_attention_heads * spec.head_dim, *rest), (kv_rows, *rest), (kv_rows, *rest)]
+        q_rows = spec.num_attention_heads * spec.head_dim
+        return [(q_rows, *rest), (kv_rows, *rest), (kv_rows, *rest)]
 
     def to_megatron(self, parts, megatron_shape, spec, dtype):
         q, k, v = parts
