@@ -27,17 +27,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run(cmd: Sequence, timeout: int = 600, check: bool = True,
+        env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with one thread per process; fail loudly."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, **(env or {})}
+    proc = subprocess.run([str(c) for c in cmd], cwd=REPO_ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def torchrun(nproc: int, args: Sequence[str], timeout: int = 600, check: bool = True,
              env: Optional[dict] = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), "-m", "megatron_ext.train", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
+    return run(cmd, timeout=timeout, check=check, env=env)
 
 
 def data_args(data_path: str, tokenizer_model: str, cache: str) -> List[str]:

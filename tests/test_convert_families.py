@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -25,6 +24,7 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+from launch import run  # noqa: E402
 
 FAMILIES = ("llama", "llama_v4", "mistral", "qwen2")
 LOGIT_TOL = 1e-4
@@ -83,14 +83,6 @@ def assert_bit_exact(src: str, dst: str) -> None:
     assert not different, f"tensors differ after the round trip: {different}"
 
 
-def run(cmd, timeout=600, env=None):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def torchrun(nproc: int, args):

@@ -14,7 +14,6 @@ in-process, to pay for one interpreter start each) plus torchrun for TP=3 and fo
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -24,6 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+from launch import run  # noqa: E402
 
 MAX_ABS = 1e-3
 MIN_AGREEMENT = 0.999
@@ -32,14 +32,6 @@ SEQ, GLOBAL_BATCH, SEED = 64, 1, 1234
 pytestmark = pytest.mark.multiprocess
 
 
-def run(cmd, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def verify_results(stdout: str) -> list:
