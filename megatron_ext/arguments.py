@@ -127,6 +127,21 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="documents packed into a sequence attend only within themselves, position "
                         "ids restart per document and targets across a document end are masked "
                         "(Megatron's --reset-attention-mask also turns this on)")
+    g.add_argument("--position-scheme", choices=["contiguous", "pose", "longrecipe"],
+                   default="contiguous",
+                   help="position ids of a sample: contiguous; pose (chunks shifted by random skip "
+                        "biases); longrecipe (sentences contiguous, the unused positions of "
+                        "--target-seq-length spread over the gaps between them)")
+    g.add_argument("--target-seq-length", type=int, default=None,
+                   help="the context length pose/longrecipe positions cover (default: "
+                        "--max-position-embeddings)")
+    g.add_argument("--pose-num-chunks", type=int, default=2)
+    g.add_argument("--longrecipe-contiguous-prefix", action="store_true",
+                   help="keep a random contiguous prefix of up to half the sample at positions "
+                        "0.. (the released LongRecipe code's anchor)")
+    g.add_argument("--objective", choices=["pretrain", "sft"], default="pretrain",
+                   help="sft: loss on assistant tokens only (chat data from "
+                        "tools/preprocess_data.py), packed with document masking")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -148,6 +163,9 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
                    help="one JSON object per iteration (and per evaluation)")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=0)
+    g.add_argument("--skip-train", action="store_true",
+                   help="no training: evaluate --eval-iters batches of the validation split and "
+                        "exit (e.g. a checkpoint at a longer --seq-length)")
 
 
 class ArgumentError(ValueError):
@@ -211,7 +229,9 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.seq_length > args.max_position_embeddings:
         raise ArgumentError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
                             f"({args.max_position_embeddings})")
-    args.packed_documents = args.packed_documents or args.reset_attention_mask
+    args.packed_documents = (args.packed_documents or args.reset_attention_mask
+                             or args.objective == "sft")
+    _validate_position_args(args)
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # Megatron-LM does the same: SP needs TP > 1.
 
@@ -236,7 +256,29 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.eval_interval and args.eval_iters <= 0:
         raise ArgumentError("--eval-interval needs --eval-iters > 0")
+    if args.skip_train and args.eval_iters <= 0:
+        raise ArgumentError("--skip-train evaluates the validation split: give --eval-iters > 0")
     return args
+
+
+def _validate_position_args(args: argparse.Namespace) -> None:
+    if args.target_seq_length is None:
+        args.target_seq_length = args.max_position_embeddings
+    if args.target_seq_length < args.seq_length:
+        raise ArgumentError(f"--target-seq-length ({args.target_seq_length}) must be >= "
+                            f"--seq-length ({args.seq_length})")
+    if args.target_seq_length > args.max_position_embeddings:
+        raise ArgumentError(
+            f"--target-seq-length ({args.target_seq_length}) exceeds --max-position-embeddings "
+            f"({args.max_position_embeddings}); raise --max-position-embeddings to the target")
+    if args.position_scheme != "contiguous" and args.packed_documents:
+        raise ArgumentError(
+            f"--position-scheme {args.position_scheme} spreads one sample over the target window, "
+            "while --packed-documents (and --objective sft) restart positions per document; "
+            "use one of them")
+    if args.position_scheme == "pose" and not 1 <= args.pose_num_chunks <= args.seq_length:
+        raise ArgumentError(f"--pose-num-chunks must be between 1 and --seq-length, got "
+                            f"{args.pose_num_chunks}")
 
 
 def _validate_data_args(args: argparse.Namespace) -> None:

@@ -34,6 +34,9 @@ ARCHITECTURE_FIELDS = (
     "kv_channels", "normalization", "norm_epsilon", "swiglu", "untie_embeddings_and_output_weights",
     "add_bias_linear", "add_qkv_bias", "rotary_base", "padded_vocab_size",
 )
+# Of those, the ones a context-extension run changes on purpose when it starts from weights
+# (--finetune): a larger static RoPE base for a longer target window.
+EXTENSION_FIELDS = ("rotary_base",)
 
 
 class CheckpointError(RuntimeError):
@@ -181,12 +184,25 @@ def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, sch
     return final_dir
 
 
+def saved_padded_vocab_size(root: str) -> Optional[int]:
+    """The embedding rows of the checkpoint --load would read (None: no checkpoint there).
+
+    Converted Hugging Face models often have more rows than their tokenizer has tokens (Qwen2,
+    SmolLM2), so the checkpoint, not the tokenizer, decides the embedding shape.
+    """
+    if read_tracker(root) is None:
+        return None
+    ckpt_dir, _ = checkpoint_dir_to_load(root)
+    return read_model_args(ckpt_dir).get("padded_vocab_size")
+
+
 def check_architecture(checkpoint_dir: str, args: argparse.Namespace) -> None:
     saved = read_model_args(checkpoint_dir)
+    free = EXTENSION_FIELDS if args.finetune else ()
     mismatched = [
         f"{field}: checkpoint {saved[field]!r} vs run {getattr(args, field)!r}"
         for field in ARCHITECTURE_FIELDS
-        if field in saved and saved[field] != getattr(args, field)
+        if field in saved and saved[field] != getattr(args, field) and field not in free
     ]
     if mismatched:
         flags = ", ".join("--" + m.split(":")[0].replace("_", "-") for m in mismatched)

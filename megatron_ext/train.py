@@ -23,8 +23,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import arguments, checkpointing, parallel
-from megatron_ext.data.context_parallel import document_ids_from_eod, slice_for_cp
-from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, build_gpt_datasets
+from megatron_ext.data.context_parallel import slice_for_cp
+from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
 from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron_ext.losses import masked_token_loss, reduce_reports
 from megatron_ext.metrics import MetricsWriter
@@ -36,19 +36,17 @@ from megatron_ext.model.cp_attention import DocumentMaskParams
 class LanguageModelingObjective:
     """Next-token prediction over ``loss_mask``; the strategy the schedule calls per micro-batch.
 
-    Every rank reads the whole micro-batch; with context parallelism it keeps its own slice of the
-    sequence (tokens, labels, loss mask, position ids and document ids alike).
+    Pretraining and SFT share it: the dataset already decided which targets count (``loss_mask``),
+    which positions each token has and, for packed documents, the ``document_ids``. Every rank
+    reads the whole micro-batch; with context parallelism it keeps its own slice of the sequence
+    (tokens, labels, loss mask, position ids and document ids alike).
     """
 
     device: torch.device
-    eod_token: Optional[int] = None  # set for packed documents: document ids come from EOD tokens
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         seq_length = batch["tokens"].shape[1]
-        if self.eod_token is not None:
-            # From the whole sequence, before slicing: every rank must agree on the boundaries.
-            batch["document_ids"] = document_ids_from_eod(batch["tokens"], self.eod_token)
         batch = slice_for_cp(batch, parallel_state.get_context_parallel_world_size(),
                              parallel_state.get_context_parallel_rank())
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -136,8 +134,7 @@ def setup(args: argparse.Namespace, plat) -> TrainingSetup:
     device = plat.device(torch.cuda.current_device() if not plat.is_cpu else 0)
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    args.padded_vocab_size = padded_vocab_size(
-        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    args.padded_vocab_size = embedding_rows(args, tokenizer)
     model, optimizer, scheduler = build_model_and_optimizer(args, device, plat.is_cpu)
 
     iteration, consumed = 0, 0
@@ -151,24 +148,33 @@ def setup(args: argparse.Namespace, plat) -> TrainingSetup:
     layout = BatchLayout(args.micro_batch_size, parallel_state.get_data_parallel_world_size(),
                          parallel_state.get_data_parallel_rank(), args.num_microbatches)
     eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        args.data_blend, args.split, args.seq_length, args.seed, tokenizer,
-        num_samples=[args.train_iters * args.global_batch_size,
-                     args.eval_iters * args.global_batch_size if eval_runs else 0, 0],
-        cache_dir=args.data_cache_path,
-        reset_position_ids=args.reset_position_ids or args.packed_documents,
-        # Document masks are built from EOD tokens in forward_step, not as dense masks here.
-        reset_attention_mask=False,
-        # A token at a document end must not learn to predict the next document.
-        eod_mask_loss=args.eod_mask_loss or args.packed_documents,
-    )
-    if train_ds is None and args.train_iters > 0:
+    eval_runs = max(eval_runs, int(args.skip_train))
+    train_ds, valid_ds, _ = datasets_from_args(
+        args, tokenizer, [args.train_iters * args.global_batch_size,
+                          args.eval_iters * args.global_batch_size if eval_runs else 0, 0])
+    if train_ds is None and args.train_iters > 0 and not args.skip_train:
         raise ValueError(f"--split {args.split} leaves no training data")
-    if eval_runs and valid_ds is None:
-        raise ValueError(f"--eval-interval is set but --split {args.split} leaves no validation data")
-    objective = LanguageModelingObjective(device, tokenizer.eod if args.packed_documents else None)
+    if (eval_runs or args.skip_train) and valid_ds is None:
+        raise ValueError(f"evaluation is asked for but --split {args.split} leaves no validation "
+                         "data")
+    objective = LanguageModelingObjective(device)
     return TrainingSetup(args, model, optimizer, scheduler, objective, train_ds, valid_ds, layout,
                          iteration)
+
+
+def embedding_rows(args: argparse.Namespace, tokenizer) -> int:
+    """Padded vocabulary: the tokenizer's, or a loaded checkpoint's when that is larger."""
+    rows = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                             args.tensor_model_parallel_size)
+    saved = checkpointing.saved_padded_vocab_size(args.load) if args.load else None
+    if saved is not None and saved != rows:
+        if saved < tokenizer.vocab_size or saved % args.tensor_model_parallel_size:
+            raise checkpointing.CheckpointError(
+                f"--load {args.load} has {saved} embedding rows, which cannot serve the "
+                f"{tokenizer.vocab_size}-token --tokenizer-model under "
+                f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+        rows = saved
+    return rows
 
 
 def run_schedule(s: TrainingSetup, data_iterator, forward_only: bool) -> Dict[str, float]:
@@ -298,6 +304,14 @@ def _run(args: argparse.Namespace) -> int:
                    f"CP={args.context_parallel_size} DP={args.data_parallel_size} | "
                    f"{sum(p.numel() for p in s.model[0].parameters())} parameters on rank 0 | "
                    f"starting at iteration {s.iteration}")
+        if args.skip_train:
+            result = evaluate(s)
+            writer.log(f" evaluation only | lm loss: {result['loss']:.6E} | "
+                       f"{result['tokens']} tokens at --seq-length {args.seq_length}")
+            writer.record({"kind": "eval", "iteration": s.iteration, "eval_loss": result["loss"],
+                           "eval_tokens": result["tokens"]}, s.iteration, prefix="eval")
+            writer.close()
+            return 0
         records = train(s, writer)
         if records:
             tokens = len(records) * args.global_batch_size * args.seq_length

@@ -13,8 +13,10 @@ from typing import Optional, Tuple
 
 from megatron_ext import assets
 from megatron_ext.data.preprocess import output_prefix_for, preprocess
+from megatron_ext.data.token_flags import has_flags
 
 DEMO_BLEND = (("austen", 0.5), ("pystdlib", 0.5))
+SEGMENT_UNITS = {"austen": "sentence", "pystdlib": "line"}
 TOKENIZER_TYPE = "SentencePieceTokenizer"
 
 
@@ -32,9 +34,10 @@ def prepare_demo_data(out_dir: Optional[str] = None, workers: int = 1) -> Tuple[
         built = output_prefix_for(prefix, "text")
         # Several ranks or sessions may ask at once: one tokenizes, the others wait and reuse.
         with assets.asset_lock(f"demo-data-{name}"):
-            if not os.path.exists(built + ".idx"):
+            if not (os.path.exists(built + ".idx") and has_flags(built)):
                 stats = preprocess([str(assets.corpus_jsonl(name))], prefix, TOKENIZER_TYPE,
-                                   tokenizer_model, append_eod=True, workers=workers, progress=False)
+                                   tokenizer_model, append_eod=True, workers=workers, progress=False,
+                                   segment_unit=SEGMENT_UNITS.get(name, "sentence"))
                 print(f"{name}: {stats.summary()}", file=sys.stderr)
         parts += [str(weight), built]
     return " ".join(parts), tokenizer_model

@@ -15,7 +15,8 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megatron_ext.data.samples import AnnotatedGPTDataset, SampleConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,31 +80,53 @@ def build_gpt_datasets(
     tokenizer,
     num_samples: List[int],
     cache_dir: Optional[str],
-    reset_position_ids: bool = False,
-    reset_attention_mask: bool = False,
     eod_mask_loss: bool = False,
+    **sample_options,
 ):
-    """[train, valid, test] datasets sized to ``num_samples`` (0: a split nobody reads)."""
+    """[train, valid, test] datasets sized to ``num_samples`` (0: a split nobody reads).
+
+    ``sample_options`` are ``SampleConfig`` fields: position scheme, target length, packed
+    documents, sft.
+    """
     needed = [n > 0 for n in num_samples]
     check_splits(blend[0], split, needed)
-    config = GPTDatasetConfig(
+    config = SampleConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=blend,
         split=split,
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
-        reset_position_ids=reset_position_ids,
-        reset_attention_mask=reset_attention_mask,
+        # Packed documents (positions, masks, document ids) are built by AnnotatedGPTDataset.
+        reset_position_ids=False,
+        reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
+        **sample_options,
     )
     # A split nobody reads is not built at all (Megatron loops forever on an empty split asked for
     # 0 samples); the other splits keep their document ranges.
     config.split_matrix = [bookends if need else None
                            for bookends, need in zip(config.split_matrix, needed)]
     # Every rank builds (cheap, cached on disk by rank 0 first) so each can read any sample.
-    return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+    return BlendedMegatronDatasetBuilder(AnnotatedGPTDataset, num_samples, lambda: True,
+                                         config).build()
+
+
+def datasets_from_args(args, tokenizer, num_samples: List[int]):
+    """The datasets training reads, from its command-line flags (also used by inspect_batches)."""
+    return build_gpt_datasets(
+        args.data_blend, args.split, args.seq_length, args.seed, tokenizer,
+        num_samples=num_samples,
+        cache_dir=args.data_cache_path,
+        eod_mask_loss=args.eod_mask_loss,
+        packed_documents=args.packed_documents,
+        sft=args.objective == "sft",
+        position_scheme=args.position_scheme,
+        target_seq_length=args.target_seq_length,
+        pose_num_chunks=args.pose_num_chunks,
+        longrecipe_contiguous_prefix=args.longrecipe_contiguous_prefix,
+    )
 
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,71 @@
+"""What the loader feeds the model, as plain JSON: for users checking their data pipeline.
+
+Uses the training flags and the training code path (``datasets_from_args`` and the global sample
+order of ``MicroBatchIterator``), so a record shows exactly the tokens, labels, loss mask, position
+ids and document ids a training step would see, plus where recorded segments and documents start.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+
+from megatron_ext.data import token_flags
+from megatron_ext.data.context_parallel import cp_token_indices
+from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
+from megatron_ext.data.tokenizer import build_tokenizer
+
+SPLITS = ("train", "valid", "test")
+
+
+def sample_records(args, num_samples: int, split: str = "train", decode: bool = False
+                   ) -> Iterator[Dict]:
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    sizes = [num_samples if name == split else 0 for name in SPLITS]
+    dataset = datasets_from_args(args, tokenizer, sizes)[SPLITS.index(split)]
+    if dataset is None:
+        raise ValueError(f"--split {args.split} leaves the {split} split without documents")
+    # One rank holding the whole global batch: the global order every layout shares.
+    batches = MicroBatchIterator(dataset, BatchLayout(1, 1, 0, 1))
+    for index in range(num_samples):
+        batch = {key: value[0] for key, value in next(batches).items()}
+        yield _record(index, batch, _flags_of(dataset, index), args, tokenizer if decode else None)
+
+
+def _flags_of(dataset, index: int) -> Optional[np.ndarray]:
+    # A blend maps the global index to (dataset, sample); flags live on the GPT dataset.
+    if hasattr(dataset, "dataset_index"):
+        part = dataset.datasets[dataset.dataset_index[index]]
+        return part.sample_flags(int(dataset.dataset_sample_index[index]))
+    return dataset.sample_flags(index)
+
+
+def _record(index: int, batch: Dict, flags: Optional[np.ndarray], args, tokenizer) -> Dict:
+    record = {"index": index}
+    for key, value in batch.items():
+        record[key] = value.tolist()
+    if flags is not None:
+        inputs = flags[:-1]
+        # A start is the token after an end (the sample's first token always starts something).
+        record["segment_starts"] = [0] + (np.flatnonzero(inputs[:-1] & token_flags.SEGMENT_END)
+                                          + 1).tolist()
+        record["document_starts"] = [0] + (np.flatnonzero(inputs[:-1] & token_flags.DOCUMENT_END)
+                                           + 1).tolist()
+    if args.context_parallel_size > 1:
+        record["cp_rank_token_indices"] = [
+            cp_token_indices(len(batch["tokens"]), args.context_parallel_size, rank).tolist()
+            for rank in range(args.context_parallel_size)]
+    if tokenizer is not None:
+        record["text"] = tokenizer.detokenize(batch["tokens"].tolist())
+    return record
+
+
+def write_records(records: Iterator[Dict], path: str) -> int:
+    count = 0
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+            count += 1
+    return count

@@ -1,0 +1,124 @@
+"""Position ids for one training sample: contiguous, PoSE, or LongRecipe's PIT.
+
+Short samples can teach long positions when their position ids are spread over a longer target
+window T: the model sees relative distances up to T-1 while paying for n << T tokens. Each scheme
+is a pure function of the sample's length (or its segment lengths), T and a numpy Generator, so
+the loader can make it deterministic from (seed, sample index) and every TP/CP rank computes the
+same ids.
+
+  contiguous  0, 1, ..., n-1.
+  pose        PoSE (Zhu et al. 2023): the sample is cut into N chunks of random lengths; chunk i
+              is shifted by a skip bias u_i ~ U{u_(i-1) .. T-n}, u_0 = 0, and is contiguous inside.
+  longrecipe  LongRecipe's position index transformation (Hu et al. 2024): segments (sentences,
+              code lines, documents) stay contiguous and the T-n unused positions are spread over
+              the gaps *between* segments as a uniform random composition, so the first id is 0
+              and the last is exactly T-1 (the released code computed gaps on unfiltered text and
+              covered only ~65% of T; see shared/specs/longrecipe.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+SCHEMES = ("contiguous", "pose", "longrecipe")
+
+
+def contiguous(length: int) -> np.ndarray:
+    return np.arange(length, dtype=np.int64)
+
+
+def _check_target(length: int, target_length: int) -> None:
+    if length < 1:
+        raise ValueError(f"a sample needs at least one token, got {length}")
+    if target_length < length:
+        raise ValueError(f"--target-seq-length {target_length} is shorter than the sample "
+                         f"({length} tokens); it must be >= --seq-length")
+
+
+def _composition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """``parts`` non-negative integers summing to ``total``, uniform over all such compositions.
+
+    Stars and bars: choose the bar positions among total + parts - 1 slots without replacement.
+    """
+    if parts == 1:
+        return np.array([total], dtype=np.int64)
+    bars = np.sort(rng.choice(total + parts - 1, size=parts - 1, replace=False))
+    edges = np.concatenate(([-1], bars, [total + parts - 1]))
+    return np.diff(edges) - 1
+
+
+def pose(length: int, target_length: int, rng: np.random.Generator, num_chunks: int = 2
+         ) -> np.ndarray:
+    """PoSE position ids (paper definition; chunk lengths are a random split into positive parts)."""
+    _check_target(length, target_length)
+    if num_chunks < 1:
+        raise ValueError(f"--pose-num-chunks must be >= 1, got {num_chunks}")
+    chunks = min(num_chunks, length)
+    cuts = np.sort(rng.choice(np.arange(1, length), size=chunks - 1, replace=False)) \
+        if chunks > 1 else np.empty(0, dtype=np.int64)
+    chunk_lengths = np.diff(np.concatenate(([0], cuts, [length])))
+    free = target_length - length
+    biases = np.zeros(chunks, dtype=np.int64)
+    for i in range(1, chunks):  # u_i ~ U{u_(i-1) .. T-n}: non-decreasing, so ids stay increasing
+        biases[i] = rng.integers(biases[i - 1], free + 1)
+    return np.arange(length, dtype=np.int64) + np.repeat(biases, chunk_lengths)
+
+
+def segment_lengths_from_ends(segment_ends: np.ndarray) -> np.ndarray:
+    """Lengths of the segments of a sample from a per-token 'a segment ends after me' flag.
+
+    The sample's first segment may be the tail of a sentence and its last the head of one: the
+    sample's own edges are segment edges.
+    """
+    length = len(segment_ends)
+    boundaries = np.flatnonzero(np.asarray(segment_ends[:-1], dtype=bool)) + 1
+    return np.diff(np.concatenate(([0], boundaries, [length])))
+
+
+def longrecipe(segment_lengths: Sequence[int], target_length: int, rng: np.random.Generator,
+               contiguous_prefix: bool = False) -> np.ndarray:
+    """PIT position ids over the final token sequence.
+
+    contiguous_prefix: the released code's detail - the first r ~ U{1..n/2} tokens keep ids 0..r-1
+    (a PoSE-like anchor at the start); gaps appear only at segment boundaries after it.
+    """
+    lengths = np.asarray(segment_lengths, dtype=np.int64)
+    if lengths.ndim != 1 or len(lengths) == 0 or (lengths <= 0).any():
+        raise ValueError(f"segment lengths must be positive, got {lengths.tolist()}")
+    length = int(lengths.sum())
+    _check_target(length, target_length)
+    boundaries = np.cumsum(lengths)[:-1]  # a gap may open before each of these token indices
+    if contiguous_prefix and length > 1:
+        prefix = int(rng.integers(1, length // 2 + 1))
+        boundaries = boundaries[boundaries >= prefix]
+    positions = np.arange(length, dtype=np.int64)
+    if len(boundaries) == 0:
+        # One segment: there is no sentence gap to open, so it stays contiguous.
+        return positions
+    gaps = _composition(target_length - length, len(boundaries), rng)
+    shift = np.zeros(length, dtype=np.int64)
+    shift[boundaries] = gaps
+    return positions + np.cumsum(shift)
+
+
+def sample_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    """The generator for one sample: a pure function of (seed, dataset stream, sample index)."""
+    return np.random.default_rng([seed, stream, index])
+
+
+def position_ids(scheme: str, target_length: int, rng: Optional[np.random.Generator],
+                 length: int, segment_ends: Optional[np.ndarray] = None, pose_num_chunks: int = 2,
+                 longrecipe_contiguous_prefix: bool = False) -> np.ndarray:
+    """Dispatch by ``--position-scheme``; ``segment_ends`` is required for longrecipe."""
+    if scheme == "contiguous":
+        return contiguous(length)
+    if scheme == "pose":
+        return pose(length, target_length, rng, pose_num_chunks)
+    if scheme == "longrecipe":
+        if segment_ends is None:
+            raise ValueError("--position-scheme longrecipe needs segment boundaries")
+        return longrecipe(segment_lengths_from_ends(segment_ends), target_length, rng,
+                          longrecipe_contiguous_prefix)
+    raise ValueError(f"--position-scheme {scheme!r}: expected one of {SCHEMES}")
