@@ -11,6 +11,10 @@
 #   NUM_QUERY_GROUPS=8 SEQ_LENGTH=65536 ROTARY_BASE=500000 GLOBAL_BATCH_SIZE=64 PRECISION=bf16 \
 #   DATA_PATH="0.7 /data/books_text_document 0.3 /data/code_text_document" \
 #   TOKENIZER_TYPE=HuggingFaceTokenizer TOKENIZER_MODEL=/models/llama3 bash examples/pretrain_long.sh
+# LongRecipe: train on 0.3x-length samples whose position ids cover the 128K target window, with a
+# static RoPE base for that window (tools/rope_base.py prints it):
+#   SEQ_LENGTH=38400 MAX_POSITION_EMBEDDINGS=131072 POSITION_SCHEME=longrecipe ROTARY_BASE=... \
+#   LOAD=/ckpt/llama3-8b-megatron bash examples/pretrain_long.sh --finetune
 # Extra arguments are passed to `python -m megatron_ext.train` unchanged (they win over these).
 set -euo pipefail
 
@@ -28,6 +32,8 @@ NUM_HEADS=${NUM_HEADS:-8}
 NUM_QUERY_GROUPS=${NUM_QUERY_GROUPS:-4}
 SEQ_LENGTH=${SEQ_LENGTH:-1024}
 MAX_POSITION_EMBEDDINGS=${MAX_POSITION_EMBEDDINGS:-$SEQ_LENGTH}
+POSITION_SCHEME=${POSITION_SCHEME:-contiguous}  # contiguous | pose | longrecipe
+TARGET_SEQ_LENGTH=${TARGET_SEQ_LENGTH:-$MAX_POSITION_EMBEDDINGS}
 ROTARY_BASE=${ROTARY_BASE:-10000}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-4}
@@ -67,6 +73,7 @@ train_args=(
     --num-attention-heads "$NUM_HEADS" --num-query-groups "$NUM_QUERY_GROUPS"
     --seq-length "$SEQ_LENGTH" --max-position-embeddings "$MAX_POSITION_EMBEDDINGS"
     --rotary-base "$ROTARY_BASE" --untie-embeddings-and-output-weights
+    --position-scheme "$POSITION_SCHEME" --target-seq-length "$TARGET_SEQ_LENGTH"
     --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
     --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
     --lr-warmup-iters "$WARMUP_ITERS" --weight-decay 0.1 --clip-grad 1.0

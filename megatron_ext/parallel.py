@@ -7,10 +7,12 @@ compressed SLURM_JOB_NODELIST from which the first host becomes the master.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
 import re
+import socket
 from typing import Mapping, Optional
 
 import torch
@@ -108,6 +110,24 @@ def initialize(
         context_parallel_size=cp,
     )
     return info, plat
+
+
+def ensure_torch_distributed() -> None:
+    """torch.distributed for a tool run outside training, once (re-initialising it under
+    torchrun would reuse the launcher's store); a lone process gets a gloo group of one on a free
+    port. Megatron-Core's dataset builders and checkpointing ask for ranks even in one process."""
+    if torch.distributed.is_initialized():
+        return
+    info = launch_info()
+    if info.launcher == "single":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address, port = "127.0.0.1", s.getsockname()[1]
+    else:
+        address, port = info.master_addr, info.master_port
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://{address}:{port}",
+                                         rank=info.rank, world_size=info.world_size)
+    atexit.register(destroy)
 
 
 def destroy() -> None:

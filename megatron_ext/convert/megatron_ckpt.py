@@ -15,12 +15,10 @@ under reads the same.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import json
 import os
 import shutil
-import socket
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -35,7 +33,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from megatron_ext import checkpointing
+from megatron_ext import checkpointing, parallel
 from megatron_ext.convert.hf_config import ConversionError, ModelSpec, model_flags
 from megatron_ext.convert.tables import checkpoint_key
 
@@ -47,29 +45,6 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # ------------------------------------------------------------------------------------------
 # Process groups and model construction
 # ------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_torch_distributed() -> None:
-    """torch.distributed for this process, once (re-initialising it under torchrun would reuse
-    the launcher's store); a lone process gets a gloo group of one on a free port."""
-    from megatron_ext import parallel
-
-    if torch.distributed.is_initialized():
-        return
-    info = parallel.launch_info()
-    if info.launcher == "single":
-        address, port = "127.0.0.1", _free_port()
-    else:
-        address, port = info.master_addr, info.master_port
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://{address}:{port}",
-                                         rank=info.rank, world_size=info.world_size)
-    atexit.register(parallel.destroy)
-
 
 @contextlib.contextmanager
 def single_process_group() -> Iterator[None]:
@@ -86,7 +61,7 @@ def single_process_group() -> Iterator[None]:
     if parallel_state.model_parallel_is_initialized():
         yield  # the caller owns the groups
         return
-    _init_torch_distributed()
+    parallel.ensure_torch_distributed()
     parallel_state.initialize_model_parallel(1, 1)
     try:
         yield
@@ -100,12 +75,10 @@ def process_group(tp: int = 1, pp: int = 1) -> Iterator[None]:
     process or torchrun. Megatron's groups are torn down on exit, torch.distributed is kept."""
     from megatron.core import parallel_state
 
-    from megatron_ext import parallel
-
     if parallel_state.model_parallel_is_initialized():
         yield
         return
-    _init_torch_distributed()
+    parallel.ensure_torch_distributed()
     parallel.initialize(tp, pp, 1, device="cpu")
     try:
         yield

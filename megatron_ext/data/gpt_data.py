@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
+from megatron_ext import parallel
 from megatron_ext.data.samples import AnnotatedGPTDataset, SampleConfig
 
 
@@ -108,6 +109,8 @@ def build_gpt_datasets(
     # 0 samples); the other splits keep their document ranges.
     config.split_matrix = [bookends if need else None
                            for bookends, need in zip(config.split_matrix, needed)]
+    # Megatron's blend builder asks for the rank even in one process (inspect_batches, tests).
+    parallel.ensure_torch_distributed()
     # Every rank builds (cheap, cached on disk by rank 0 first) so each can read any sample.
     return BlendedMegatronDatasetBuilder(AnnotatedGPTDataset, num_samples, lambda: True,
                                          config).build()

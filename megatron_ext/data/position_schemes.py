@@ -73,8 +73,12 @@ def segment_lengths_from_ends(segment_ends: np.ndarray) -> np.ndarray:
     sample's own edges are segment edges.
     """
     length = len(segment_ends)
-    boundaries = np.flatnonzero(np.asarray(segment_ends[:-1], dtype=bool)) + 1
-    return np.diff(np.concatenate(([0], boundaries, [length])))
+    return np.diff(np.concatenate(([0], _boundaries(segment_ends), [length])))
+
+
+def _boundaries(segment_ends: np.ndarray) -> np.ndarray:
+    """Token indices where a new segment starts (the first token excluded)."""
+    return np.flatnonzero(segment_ends[:-1]) + 1
 
 
 def longrecipe(segment_lengths: Sequence[int], target_length: int, rng: np.random.Generator,
@@ -87,9 +91,13 @@ def longrecipe(segment_lengths: Sequence[int], target_length: int, rng: np.rando
     lengths = np.asarray(segment_lengths, dtype=np.int64)
     if lengths.ndim != 1 or len(lengths) == 0 or (lengths <= 0).any():
         raise ValueError(f"segment lengths must be positive, got {lengths.tolist()}")
-    length = int(lengths.sum())
+    return _longrecipe(np.cumsum(lengths)[:-1], int(lengths.sum()), target_length, rng,
+                       contiguous_prefix)
+
+
+def _longrecipe(boundaries: np.ndarray, length: int, target_length: int,
+                rng: np.random.Generator, contiguous_prefix: bool) -> np.ndarray:
     _check_target(length, target_length)
-    boundaries = np.cumsum(lengths)[:-1]  # a gap may open before each of these token indices
     if contiguous_prefix and length > 1:
         prefix = int(rng.integers(1, length // 2 + 1))
         boundaries = boundaries[boundaries >= prefix]
@@ -100,12 +108,19 @@ def longrecipe(segment_lengths: Sequence[int], target_length: int, rng: np.rando
     gaps = _composition(target_length - length, len(boundaries), rng)
     shift = np.zeros(length, dtype=np.int64)
     shift[boundaries] = gaps
-    return positions + np.cumsum(shift)
+    positions += np.cumsum(shift)
+    return positions
 
 
 def sample_rng(seed: int, stream: int, index: int) -> np.random.Generator:
-    """The generator for one sample: a pure function of (seed, dataset stream, sample index)."""
-    return np.random.default_rng([seed, stream, index])
+    """The generator for one sample: a pure function of (seed, dataset stream, sample index).
+
+    Philox is counter-based: (seed, stream) is the key and the sample index the counter, so every
+    sample gets an independent stream without hashing a seed sequence per sample (the loader
+    calls this once per sample).
+    """
+    key = ((seed & 0xFFFFFFFF) << 32) | (stream & 0xFFFFFFFF)
+    return np.random.Generator(np.random.Philox(key=key, counter=[0, 0, index & (2**64 - 1), 0]))
 
 
 def position_ids(scheme: str, target_length: int, rng: Optional[np.random.Generator],
@@ -119,6 +134,6 @@ def position_ids(scheme: str, target_length: int, rng: Optional[np.random.Genera
     if scheme == "longrecipe":
         if segment_ends is None:
             raise ValueError("--position-scheme longrecipe needs segment boundaries")
-        return longrecipe(segment_lengths_from_ends(segment_ends), target_length, rng,
-                          longrecipe_contiguous_prefix)
+        return _longrecipe(_boundaries(segment_ends), length, target_length, rng,
+                           longrecipe_contiguous_prefix)
     raise ValueError(f"--position-scheme {scheme!r}: expected one of {SCHEMES}")

@@ -59,6 +59,9 @@ class AnnotatedGPTDataset(GPTDataset):
                 f"--objective sft trains on assistant turns of chat data, but {dataset_path} holds "
                 f"{self.meta.get('kind', 'data without a _meta.json record')}; preprocess jsonl "
                 "rows with a 'messages' field (tools/preprocess_data.py --json-keys messages)")
+        # Plain contiguous pretraining reads no flags: it costs what GPTDataset costs.
+        self._needs_flags = self.flags is not None and (
+            config.position_scheme == "longrecipe" or config.packed_documents or config.sft)
         # Keeps two datasets of a blend (or two splits) from drawing the same random positions.
         self._stream = zlib.crc32(self.unique_description_hash.encode())
 
@@ -91,7 +94,7 @@ class AnnotatedGPTDataset(GPTDataset):
         sample = super().__getitem__(idx)
         tokens = sample["tokens"]
         length = len(tokens)
-        flags = self.sample_flags(idx)
+        flags = self.sample_flags(idx) if self._needs_flags else None
         if flags is not None and len(flags) != length + 1:
             raise ValueError(f"flags window of {len(flags)} for a sample of {length} tokens; the "
                              "loader needs add_extra_token_to_sequence")
