@@ -52,8 +52,14 @@ def data_args(data_path: str, tokenizer_model: str, cache: str) -> List[str]:
 
 
 def read_metrics(path: str) -> List[dict]:
+    """The per-iteration training records of a --metrics-jsonl file."""
+    return [r for r in read_metrics_file(path) if r.get("kind") != "eval"]
+
+
+def read_metrics_file(path: str) -> List[dict]:
+    """Every record, evaluation entries ("kind": "eval") included."""
     with open(path) as f:
-        return [r for r in map(json.loads, f) if r.get("kind") != "eval"]
+        return [json.loads(line) for line in f]
 
 
 def rel_diff(a: float, b: float) -> float:

@@ -1,0 +1,51 @@
+"""tools/inspect_batches.py writes what training feeds the model, sample by sample."""
+
+import json
+import sys
+
+import numpy as np
+
+from launch import run
+from megatron_ext.arguments import parse
+from megatron_ext.data import token_flags
+from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
+from megatron_ext.data.tokenizer import build_tokenizer
+
+
+def test_dump_matches_the_training_loader(books_data, tmp_path):
+    prefix, tokenizer_model = books_data
+    flags = ["--data-path", prefix, "--tokenizer-type", "SentencePieceTokenizer",
+             "--tokenizer-model", tokenizer_model, "--data-cache-path", str(tmp_path / "cache"),
+             "--seq-length", "512", "--max-position-embeddings", "2048",
+             "--position-scheme", "longrecipe", "--split", "100,0,0", "--seed", "99",
+             "--context-parallel-size", "2", "--global-batch-size", "1"]
+    out = tmp_path / "batches.jsonl"
+    run([sys.executable, "tools/inspect_batches.py", *flags, "--num-samples", "3",
+         "--output", str(out), "--decode"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+
+    # The same samples straight from the loader training builds from the same flags.
+    args = parse([*flags, "--train-iters", "3"], world_size=2)
+    tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)
+    train, _, _ = datasets_from_args(args, tokenizer, [3, 0, 0])
+    batches = MicroBatchIterator(train, BatchLayout(1, 1, 0, 1))
+    for record in records:
+        batch = next(batches)
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert record[key] == batch[key][0].tolist(), key
+        assert record["text"] == tokenizer.detokenize(record["tokens"])
+        positions = np.array(record["position_ids"])
+        assert positions[0] == 0 and positions[-1] == 2047
+        # Position gaps open only at the segment starts the dump reports.
+        jumps = (np.flatnonzero(np.diff(positions) > 1) + 1).tolist()
+        assert set(jumps) <= set(record["segment_starts"])
+        # Each segment start follows a token that really ends a sentence or line.
+        for start in record["segment_starts"][1:6]:
+            if start in record["document_starts"]:
+                continue  # a document end (the EOD token) ends a segment too
+            piece = tokenizer.detokenize([record["tokens"][start - 1]])
+            assert token_flags.ends_segment(piece, "sentence"), piece
+        # The two CP ranks' token indices partition the sequence.
+        cp = record["cp_rank_token_indices"]
+        assert sorted(cp[0] + cp[1]) == list(range(512))
