@@ -51,6 +51,23 @@ def data_args(data_path: str, tokenizer_model: str, cache: str) -> List[str]:
             "--tokenizer-model", tokenizer_model, "--data-cache-path", cache]
 
 
+def save_initial_checkpoint(root, args: Sequence[str]) -> str:
+    """An iteration-0 checkpoint of the model ``args`` describe: the common start of layout runs."""
+    init = os.path.join(str(root), "init")
+    torchrun(1, [*args, "--train-iters", "0", "--lr-warmup-iters", "0", "--save", init])
+    return init
+
+
+def run_from(init: str, root, name: str, nproc: int, args: Sequence[str], iters: int = 3
+             ) -> List[dict]:
+    """Train ``iters`` iterations from ``init`` (--finetune reshards it for any layout); returns
+    the per-iteration metrics."""
+    metrics = os.path.join(str(root), f"{name}.jsonl")
+    torchrun(nproc, [*args, "--train-iters", str(iters), "--load", init, "--finetune",
+                     "--metrics-jsonl", metrics])
+    return read_metrics(metrics)
+
+
 def read_metrics(path: str) -> List[dict]:
     """The per-iteration training records of a --metrics-jsonl file."""
     return [r for r in read_metrics_file(path) if r.get("kind") != "eval"]

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from launch import TINY_MODEL, data_args, read_metrics, rel_diff, torchrun
+from launch import TINY_MODEL, data_args, rel_diff, run_from, save_initial_checkpoint
 
 pytestmark = pytest.mark.multiprocess
 
@@ -32,15 +32,11 @@ LAYOUTS = {
 def runs(tmp_path_factory, books_data):
     root = tmp_path_factory.mktemp("equivalence")
     data = data_args(*books_data, cache=str(root / "index-cache"))
-    init = str(root / "init")
-    torchrun(1, [*TINY_MODEL, *data, "--train-iters", "0", "--lr-warmup-iters", "0", "--save", init])
+    init = save_initial_checkpoint(root, [*TINY_MODEL, *data])
     assert os.path.exists(os.path.join(init, "iter_0000000", "model_args.json"))
 
     def run(name, nproc, extra):
-        metrics = str(root / f"{name}.jsonl")
-        torchrun(nproc, [*TINY_MODEL, *data, *extra, "--train-iters", "3", "--load", init,
-                         "--finetune", "--metrics-jsonl", metrics])
-        return read_metrics(metrics)
+        return run_from(init, root, name, nproc, [*TINY_MODEL, *data, *extra])
 
     results = {"single": run("single", 1, [])}
     for name, (nproc, extra) in LAYOUTS.items():

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from launch import TINY_MODEL, data_args, read_metrics, rel_diff, torchrun
+from launch import TINY_MODEL, data_args, rel_diff, run_from, save_initial_checkpoint
 from megatron_ext import assets
 from megatron_ext.data.context_parallel import document_ids_from_eod
 from megatron_ext.data.preprocess import output_prefix_for, preprocess
@@ -39,14 +39,10 @@ def test_document_ids_restart_after_every_eod():
 def test_packed_losses_equal_under_context_parallelism(paragraphs):
     root, prefix, tokenizer = paragraphs
     data = data_args(prefix, tokenizer, cache=str(root / "cache"))
-    init = str(root / "init")
-    torchrun(1, [*TINY_MODEL, *data, "--train-iters", "0", "--lr-warmup-iters", "0", "--save", init])
+    init = save_initial_checkpoint(root, [*TINY_MODEL, *data])
 
     def run(name, nproc, extra):
-        metrics = str(root / f"{name}.jsonl")
-        torchrun(nproc, [*TINY_MODEL, *data, *extra, "--train-iters", "3", "--load", init,
-                         "--finetune", "--metrics-jsonl", metrics])
-        return read_metrics(metrics)
+        return run_from(init, root, name, nproc, [*TINY_MODEL, *data, *extra])
 
     packed = run("packed", 1, ["--packed-documents"])
     packed_cp2 = run("packed-cp2", 2, ["--packed-documents", "--context-parallel-size", "2"])

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from launch import TINY_MODEL, read_metrics, rel_diff, torchrun
+from launch import TINY_MODEL, rel_diff, run_from, save_initial_checkpoint
 from megatron_ext import assets
 from megatron_ext.arguments import parse_data_path
 from megatron_ext.data import token_flags
@@ -118,14 +118,10 @@ def test_sft_losses_equal_under_context_parallelism(chat_data):
     data = ["--data-path", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
             "--tokenizer-model", hf_dir, "--data-cache-path", str(root / "cache"),
             "--split", "100,0,0", "--objective", "sft"]
-    init = str(root / "init")
-    torchrun(1, [*model, *data, "--train-iters", "0", "--lr-warmup-iters", "0", "--save", init])
+    init = save_initial_checkpoint(root, [*model, *data])
 
     def run(name, nproc, extra):
-        metrics = str(root / f"{name}.jsonl")
-        torchrun(nproc, [*model, *data, *extra, "--train-iters", "3", "--load", init,
-                         "--finetune", "--metrics-jsonl", metrics])
-        return read_metrics(metrics)
+        return run_from(init, root, name, nproc, [*model, *data, *extra])
 
     single = run("cp1", 1, [])
     cp2 = run("cp2", 2, ["--context-parallel-size", "2"])

@@ -44,9 +44,13 @@ def _composition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray
     """
     if parts == 1:
         return np.array([total], dtype=np.int64)
-    bars = np.sort(rng.choice(total + parts - 1, size=parts - 1, replace=False))
-    edges = np.concatenate(([-1], bars, [total + parts - 1]))
-    return np.diff(edges) - 1
+    bars = rng.choice(total + parts - 1, size=parts - 1, replace=False, shuffle=False)
+    bars.sort()
+    gaps = np.empty(parts, dtype=np.int64)  # = diff([-1, *bars, total + parts - 1]) - 1
+    gaps[0] = bars[0]
+    gaps[1:-1] = np.diff(bars) - 1
+    gaps[-1] = total + parts - 2 - bars[-1]
+    return gaps
 
 
 def pose(length: int, target_length: int, rng: np.random.Generator, num_chunks: int = 2

@@ -98,20 +98,21 @@ class AnnotatedGPTDataset(GPTDataset):
         if flags is not None and len(flags) != length + 1:
             raise ValueError(f"flags window of {len(flags)} for a sample of {length} tokens; the "
                              "loader needs add_extra_token_to_sequence")
+        target = self.config.target_seq_length or length
         if self.config.packed_documents:
             self._pack(sample, flags)
-        else:
+        elif self.config.position_scheme != "contiguous":
             segment_ends = None if flags is None else (flags[:-1] & token_flags.SEGMENT_END) != 0
             rng = position_schemes.sample_rng(self.config.random_seed, self._stream,
                                               -1 if idx is None else int(idx))
             ids = position_schemes.position_ids(
-                self.config.position_scheme, self.config.target_seq_length or length, rng, length,
-                segment_ends, self.config.pose_num_chunks, self.config.longrecipe_contiguous_prefix)
+                self.config.position_scheme, target, rng, length, segment_ends,
+                self.config.pose_num_chunks, self.config.longrecipe_contiguous_prefix)
+            if ids[-1] >= target:  # ids increase: the last is the largest
+                raise ValueError(f"sample {idx}: position id {int(ids[-1])} is beyond "
+                                 f"--target-seq-length {target}")
             sample["position_ids"] = torch.from_numpy(ids)
-        target = self.config.target_seq_length or length
-        if int(sample["position_ids"].max()) >= target:
-            raise ValueError(f"sample {idx}: position id {int(sample['position_ids'].max())} is "
-                             f"beyond --target-seq-length {target}")
+        # contiguous: GPTDataset's own 0..n-1
         if self.config.sft:
             is_target = (flags[1:] & token_flags.TARGET) != 0
             sample["loss_mask"] = sample["loss_mask"] * torch.from_numpy(is_target).float()
