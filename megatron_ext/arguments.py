@@ -20,6 +20,10 @@ def build_parser(prog: str = "megatron_ext.train") -> argparse.ArgumentParser:
     add_data_args(p)
     add_checkpoint_args(p)
     add_logging_args(p)
+    # Imported here: the evaluation package builds its own parser from the groups above.
+    from megatron_ext.evaluate import training_hook
+
+    training_hook.add_arguments(p)
     return p
 
 

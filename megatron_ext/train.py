@@ -26,6 +26,7 @@ from megatron_ext import arguments, checkpointing, parallel
 from megatron_ext.data.context_parallel import slice_for_cp
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
 from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron_ext.evaluate import training_hook
 from megatron_ext.losses import masked_token_loss, reduce_reports
 from megatron_ext.metrics import MetricsWriter
 from megatron_ext.model import build_model, transformer_config
@@ -131,6 +132,7 @@ def build_model_and_optimizer(args, device, on_cpu: bool):
 
 
 def setup(args: argparse.Namespace, plat) -> TrainingSetup:
+    training_hook.eval_config(args)  # bad --eval-tasks flags fail before any work
     device = plat.device(torch.cuda.current_device() if not plat.is_cpu else 0)
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
@@ -266,6 +268,7 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
             writer.log(f" validation at iteration {s.iteration} | lm loss: {result['loss']:.6E}")
             writer.record({"kind": "eval", "iteration": s.iteration, "eval_loss": result["loss"],
                            "eval_tokens": result["tokens"]}, s.iteration, prefix="eval")
+            training_hook.run_during_training(s.model, args, s.iteration, writer)
         if args.save and args.save_interval and s.iteration % args.save_interval == 0:
             save(s, writer)
     if args.save and (not args.save_interval or s.iteration % args.save_interval != 0):

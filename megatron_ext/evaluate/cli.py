@@ -1,0 +1,244 @@
+"""Long-context evaluation of a Megatron checkpoint: ``python -m megatron_ext.evaluate``.
+
+    torchrun --nproc-per-node 2 -m megatron_ext.evaluate $(cat ckpt/megatron_args.txt) \\
+        --load ckpt --tokenizer-type HuggingFaceTokenizer --tokenizer-model HF_DIR \\
+        --eval-data heldout.jsonl --output eval_out --context-parallel-size 2 \\
+        --tasks ppl-by-position,passkey,niah,niah-multikey --lengths 4K,8K,16K
+
+Model and parallelism flags are training's (any TP / PP / CP layout; remaining ranks are data
+parallel and split the samples). Writes OUTPUT/results.json, one PNG per task and prints a
+one-screen summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+from megatron_ext import arguments, checkpointing
+from megatron_ext.evaluate.corpus import CorpusError
+from megatron_ext.evaluate.tasks import DEFAULT_DEPTHS, TASKS, EvalConfig
+
+PROG = "python -m megatron_ext.evaluate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments.add_model_args(p)
+    arguments.add_parallel_args(p)
+    arguments.add_checkpoint_args(p)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-data", required=True,
+                   help="held-out documents and haystack text: a jsonl with 'text' rows or an "
+                        "indexed-dataset prefix (PREFIX.bin/.idx from tools/preprocess_data.py)")
+    g.add_argument("--output", required=True, help="directory for results.json and the PNGs")
+    g.add_argument("--tasks", default="ppl-by-position,passkey",
+                   help=f"comma-separated, from: {', '.join(TASKS)}")
+    g.add_argument("--lengths", default="1024",
+                   help="comma-separated sequence lengths in tokens; 4K = 4096")
+    g.add_argument("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS),
+                   help="needle depths: fractions of the context (0 = start, 1 = end)")
+    g.add_argument("--num-samples", type=int, default=10,
+                   help="ppl-by-position: documents per length; needle tasks: haystacks per "
+                        "(length, depth)")
+    g.add_argument("--bucket-size", type=int, default=None,
+                   help="ppl-by-position bucket width in tokens (default: longest length / 8, "
+                        "at least 64)")
+    g.add_argument("--seed", type=int, default=1234, help="haystacks are a function of it")
+    g.add_argument("--chat-template", action="store_true",
+                   help="wrap needle prompts in the tokenizer's chat template (instruct models)")
+    g.add_argument("--tokenizer-type", required=True,
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-model", required=True)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_lengths(text: str, flag: str = "--lengths") -> List[int]:
+    """``"512,1K,64k"`` -> [512, 1024, 65536]."""
+    lengths = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        scale = 1024 if part[-1] in "kK" else 1
+        digits = part[:-1] if scale > 1 else part
+        if not digits.isdigit():
+            raise arguments.ArgumentError(f"{flag}: {part!r} is not a token count (e.g. 2048 or 2K)")
+        lengths.append(int(digits) * scale)
+    if not lengths:
+        raise arguments.ArgumentError(f"{flag} is empty")
+    return lengths
+
+
+def parse_depths(text: str, flag: str = "--depths") -> List[float]:
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise arguments.ArgumentError(f"{flag}: {text!r} is not a list of fractions like "
+                                      f"0,0.5,1") from None
+
+
+def finalize_model_args(args: argparse.Namespace, world_size: int) -> None:
+    """The model and layout part of training's ``arguments.finalize`` (which also insists on
+    training data): derived defaults plus the divisibility rules, same messages."""
+    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.context_parallel_size)
+    for flag, value in (("--tensor-model-parallel-size", tp),
+                        ("--pipeline-model-parallel-size", pp), ("--context-parallel-size", cp)):
+        if value < 1:
+            raise arguments.ArgumentError(f"{flag} must be >= 1, got {value}")
+    if world_size % (tp * pp * cp) != 0:
+        raise arguments.ArgumentError(
+            f"world size {world_size} is not divisible by TP x PP x CP = {tp * pp * cp}; launch a "
+            f"multiple of {tp * pp * cp} processes or change those flags")
+    args.data_parallel_size, args.world_size = world_size // (tp * pp * cp), world_size
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    for what, value in (("--num-attention-heads", args.num_attention_heads),
+                        ("--num-query-groups", args.num_query_groups)):
+        if value % tp != 0:
+            raise arguments.ArgumentError(f"{what} ({value}) must be divisible by "
+                                          f"--tensor-model-parallel-size ({tp})")
+    if args.kv_channels is None:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = (((int(8 * args.hidden_size / 3) + 63) // 64) * 64 if args.swiglu
+                                else 4 * args.hidden_size)
+    if args.num_layers % pp != 0:
+        raise arguments.ArgumentError(f"--num-layers ({args.num_layers}) must be divisible by "
+                                      f"--pipeline-model-parallel-size ({pp})")
+    if args.bf16 and args.fp16:
+        raise arguments.ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    # Answer positions are picked from each rank's whole slice; sequence parallelism would split
+    # it over TP. It changes memory only, not numbers, so evaluation runs without it.
+    args.sequence_parallel = False
+    args.recompute_granularity = None
+
+
+def finalize(args: argparse.Namespace, world_size: int) -> EvalConfig:
+    """Validate everything that can be checked before any process group exists."""
+    finalize_model_args(args, world_size)
+    lengths = parse_lengths(args.lengths)
+    config = EvalConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+                        lengths=lengths, depths=parse_depths(args.depths),
+                        num_samples=args.num_samples, seed=args.seed,
+                        bucket_size=args.bucket_size, chat_template=args.chat_template)
+    cp = args.context_parallel_size
+    for length in lengths:
+        if cp > 1 and length % (2 * cp) != 0:
+            raise arguments.ArgumentError(
+                f"--lengths {length} is not divisible by 2 x --context-parallel-size = {2 * cp} "
+                f"(the load-balanced context-parallel layout); pick multiples of {2 * cp}")
+    args.seq_length = max(lengths)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise arguments.ArgumentError(
+            f"--lengths {args.seq_length} exceeds --max-position-embeddings "
+            f"({args.max_position_embeddings}); evaluate shorter lengths or raise it (with a "
+            f"RoPE scaling that fits)")
+    if not args.load:
+        raise arguments.ArgumentError("--load CKPT is required: a checkpoint directory written "
+                                      "by megatron_ext.train or tools/convert_checkpoint.py")
+    if checkpointing.read_tracker(args.load) is None:
+        raise arguments.ArgumentError(
+            f"--load {args.load}: no {checkpointing.TRACKER_FILE}; is this a checkpoint directory "
+            f"written by megatron_ext.train or tools/convert_checkpoint.py?")
+    if not os.path.exists(args.tokenizer_model):
+        raise arguments.ArgumentError(f"--tokenizer-model {args.tokenizer_model} does not exist")
+    if not (os.path.isfile(args.eval_data) or os.path.isfile(args.eval_data + ".bin")):
+        raise arguments.ArgumentError(f"--eval-data {args.eval_data}: no such jsonl file or "
+                                      f"indexed-dataset prefix ({args.eval_data}.bin/.idx)")
+    return config
+
+
+def progress_factory(enabled: bool):
+    from tqdm import tqdm
+
+    def make(description: str, total: int):
+        bar = tqdm(total=total, desc=description, unit="seq", file=sys.stderr,
+                   disable=not enabled or total == 0, dynamic_ncols=True)
+
+        def update(n: int) -> None:
+            bar.update(n)
+            if bar.n >= total:
+                bar.close()
+
+        return update
+
+    return make
+
+
+def evaluate(args: argparse.Namespace, config: EvalConfig) -> int:
+    import torch
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_ext import parallel
+    from megatron_ext.data.tokenizer import build_tokenizer
+    from megatron_ext.evaluate import results as results_mod
+    from megatron_ext.evaluate.corpus import EvalCorpus
+    from megatron_ext.evaluate.model_runner import ModelRunner, load_model
+    from megatron_ext.evaluate.tasks import run_tasks
+
+    start = time.perf_counter()
+    _, plat = parallel.initialize(
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+        args.context_parallel_size, device=args.device,
+        timeout_minutes=args.distributed_timeout_minutes)
+    try:
+        device = plat.device(torch.cuda.current_device() if not plat.is_cpu else 0)
+        torch.manual_seed(args.seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)  # the tracker attention needs
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        corpus = EvalCorpus(args.eval_data, tokenizer)
+        model = load_model(args, device, plat.is_cpu)
+        runner = ModelRunner(model, device, min(tokenizer.vocab_size, args.padded_vocab_size))
+        rank0 = parallel.is_rank0()
+        results = run_tasks(runner, corpus, tokenizer, config,
+                            progress_factory(rank0 and not args.no_progress))
+        ckpt_dir, iteration = checkpointing.checkpoint_dir_to_load(args.load)
+        results["config"] = {
+            "load": os.path.abspath(args.load), "checkpoint": os.path.abspath(ckpt_dir),
+            "iteration": iteration, "eval_data": os.path.abspath(args.eval_data),
+            "corpus": {"kind": corpus.kind, "documents": len(corpus),
+                       "skipped_empty_rows": corpus.skipped_empty},
+            "tokenizer": {"type": args.tokenizer_type, "model": args.tokenizer_model,
+                          "vocab_size": tokenizer.vocab_size},
+            "tasks": config.tasks, "lengths": config.lengths, "depths": config.depths,
+            "num_samples": config.num_samples, "seed": config.seed,
+            "bucket_size": config.bucket_size, "chat_template": config.chat_template,
+            "layout": {"tp": args.tensor_model_parallel_size,
+                       "pp": args.pipeline_model_parallel_size,
+                       "cp": args.context_parallel_size,
+                       "dp": parallel_state.get_data_parallel_world_size()},
+            "device": plat.device_type,
+            "dtype": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "model": checkpointing.architecture_of(args),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        if rank0:
+            paths = results_mod.save(args.output, results)
+            print(results_mod.summary(results, paths), flush=True)
+    finally:
+        parallel.destroy()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    try:
+        config = finalize(args, world_size)
+    except (arguments.ArgumentError, ValueError) as err:
+        parser.error(str(err))
+    try:
+        return evaluate(args, config)
+    except (checkpointing.CheckpointError, CorpusError, ValueError) as err:
+        # Input problems found after start-up: one clear line per rank, not a traceback.
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 1

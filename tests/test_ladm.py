@@ -1,0 +1,518 @@
+"""LADM data selection: exact blockwise scores, resume after a kill, budgeted selection.
+
+Scores are checked against a naive reference read off full eager attention matrices, for a tiny
+random Llama and for SmolLM2-135M on real text; the command-line tool is run end to end on real
+corpora with a real tokenizer.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_ext import assets
+from megatron_ext.ladm import selection
+from megatron_ext.ladm.delta_ppl import (ProlongScorer, ProlongSettings, lds_from_perplexities,
+                                         sample_pairs)
+from megatron_ext.ladm.reference import reference_layer_scores
+from megatron_ext.ladm.scoring import (CdsScorer, CdsSettings, min_scorable_length, plan_spans,
+                                       probe_layer_scores)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+import ladm_select  # noqa: E402
+
+REL_TOL = 1e-4
+
+
+def rel_diff(a, b):
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures: SmolLM2 and its tokenizer, real text, a tiny random Llama saved as an HF folder
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    return assets.require(assets.smollm2_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def austen_ids(tokenizer):
+    with open(assets.require(assets.corpus_jsonl, "austen")) as f:
+        text = json.loads(f.readline())["text"]
+    return tokenizer(text[:40000])["input_ids"]
+
+
+def tiny_llama_config(vocab_size):
+    from transformers import LlamaConfig
+
+    # A sharper-than-default init so attention is far from uniform and the std term matters.
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       initializer_range=0.2, max_position_embeddings=4096,
+                       tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tokenizer):
+    from transformers import LlamaModel
+
+    torch.manual_seed(0)
+    return LlamaModel(tiny_llama_config(len(tokenizer))).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer):
+    """A tiny random LlamaForCausalLM folder with SmolLM2's real tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(smollm2_dir, name), out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def docs_jsonl(tmp_path_factory):
+    """Real documents from two domains (Python stdlib modules, Austen novels), some too short."""
+    rows = []
+    with open(assets.require(assets.corpus_jsonl, "pystdlib")) as f:
+        for line in list(f)[:8]:
+            r = json.loads(line)
+            rows.append({"id": r["id"], "text": r["text"][:5000], "meta": {"set": "code"}})
+    with open(assets.require(assets.corpus_jsonl, "austen")) as f:
+        for line in f:
+            r = json.loads(line)
+            rows.append({"id": r["id"], "text": r["text"][:6000], "meta": {"set": "books"}})
+    rows.append({"id": "a-note", "text": "Too short to score.", "meta": {"set": "books"}})
+    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+SCORE_FLAGS = ["--seq-length", "512", "--span", "16", "--domain-key", "meta.set",
+               "--no-progress"]
+
+
+def score_cli(model_dir, docs, output, *extra):
+    return ladm_select.main(["score", "--model", model_dir, "--input", docs, "--output",
+                             str(output), *SCORE_FLAGS, *extra])
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------------------------------------
+# The span plan follows the released loop bounds
+# ------------------------------------------------------------------------------------------
+
+def test_released_plan_at_32k_matches_the_spec():
+    plan = plan_spans(32768, CdsSettings())
+    query_spans = [s.start // 128 for s in plan.spans]
+    assert query_spans == list(range(255, 18, -4))  # 60 spans, j = 255 ... 19
+    assert sum(128 for _ in plan.spans) == 7680
+    for span in plan.spans:
+        key_spans = [u // 128 for u in span.key_starts]
+        j = span.start // 128
+        assert key_spans == list(range(j - 4, 0, -4)) and key_spans[-1] == 3
+        assert span.key_end == span.start  # normalised over keys strictly before the span
+    assert [len(s.key_starts) for s in (plan.spans[-1], plan.spans[0])] == [4, 63]
+    shortest = min_scorable_length(CdsSettings())
+    assert plan_spans(shortest, CdsSettings()).spans
+    assert not plan_spans(shortest - 1, CdsSettings()).spans
+
+
+def test_paper_plan_at_32k_matches_the_spec():
+    plan = plan_spans(32768, CdsSettings(variant="paper"))
+    assert [s.start // 128 for s in plan.spans] == list(range(16, 256, 4))
+    for span in plan.spans:
+        j = span.start // 128
+        assert [u // 128 for u in span.key_starts] == list(range(j - 5, 0, -4))
+        assert span.key_end == span.start + 128  # causal attention over spans 0..j
+        assert span.weight == j / 256
+    assert plan.reduce == "sum"
+
+
+# ------------------------------------------------------------------------------------------
+# Exact scores: blockwise probe == full eager attention matrices
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["code", "paper"])
+def test_tiny_llama_matches_full_attention_reference(tiny_llama, austen_ids, variant):
+    settings = CdsSettings(variant=variant, span=16)
+    # a batch of two lengths: right padding must not change either document's score
+    docs = [austen_ids[:512], austen_ids[600:1050]]
+    ours = CdsScorer(tiny_llama, settings).layer_scores(docs)
+    for doc, got in zip(docs, ours):
+        (ref,) = reference_layer_scores(tiny_llama, doc, [settings], keep_all_layers=True)
+        (layerwise,) = reference_layer_scores(tiny_llama, doc, [settings], keep_all_layers=False)
+        assert layerwise == ref  # the two reference routes read the same eager matrices
+        assert rel_diff(got, ref) <= REL_TOL, (got, ref)
+        assert all(v > 0 for v in got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["code", "paper"])
+def test_probe_on_cuda_matches_cpu(tiny_llama, austen_ids, variant):
+    import copy
+
+    settings = CdsSettings(variant=variant, span=16)
+    docs = [austen_ids[:512], austen_ids[600:1050]]
+    on_cpu = CdsScorer(tiny_llama, settings).layer_scores(docs)
+    on_gpu = CdsScorer(copy.deepcopy(tiny_llama).cuda(), settings).layer_scores(docs)
+    for got, ref in zip(on_gpu, on_cpu):
+        assert rel_diff(got, ref) <= REL_TOL
+
+
+def test_smollm2_matches_full_attention_reference_at_2048(smollm2_dir, austen_ids):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    doc = austen_ids[:2048]
+    assert len(doc) == 2048
+    both = [CdsSettings(variant="code", span=64), CdsSettings(variant="paper", span=64)]
+    # one layer's [9, 2048, 2048] matrix alive at a time: the same eager probabilities as
+    # output_attentions=True, without holding all 30 layers (4.5 GB) at once
+    references = reference_layer_scores(model, doc, both, keep_all_layers=False)
+    ours = probe_layer_scores(model, [doc], both)  # both variants probed in one forward pass
+    for settings, ref, (got,) in zip(both, references, ours):
+        assert len(got) == 30
+        assert rel_diff(got, ref) <= REL_TOL, (settings.variant, got, ref)
+        assert abs(sum(got) - sum(ref)) / abs(sum(ref)) <= REL_TOL
+
+
+# ------------------------------------------------------------------------------------------
+# The command line: resume after SIGKILL, sharding, bad input
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, docs_jsonl):
+    out = tmp_path_factory.mktemp("full") / "scores.jsonl"
+    assert score_cli(tiny_model_dir, docs_jsonl, out) == 0
+    return out
+
+
+def test_score_rows_and_unscorable_documents(uninterrupted, docs_jsonl, capsys):
+    rows = read_rows(uninterrupted)
+    with open(docs_jsonl) as f:
+        assert [r["id"] for r in rows] == [json.loads(line)["id"] for line in f]
+    short = [r for r in rows if r["score"] is None]
+    assert "a-note" in {r["id"] for r in short}
+    assert all(r["unscorable"].startswith("shorter than") for r in short)
+    scored = [r for r in rows if r["score"] is not None]
+    assert len(scored) >= 8 and {r["domain"] for r in scored} == {"code", "books"}
+    for r in scored:
+        assert r["length"] == min(512, r["num_tokens"]) and len(r["layer_cds"]) == 2
+        assert r["cds"] == pytest.approx(sum(r["layer_cds"]) / 2, rel=1e-12)
+        assert r["settings"]["variant"] == "code" and r["settings"]["span"] == 16
+
+
+def test_resume_after_kill_gives_the_uninterrupted_output(tmp_path, tiny_model_dir, docs_jsonl,
+                                                          uninterrupted, capsys):
+    out = tmp_path / "scores.jsonl"
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "tests", "ladm_kill_worker.py"), "4", "score",
+           "--model", tiny_model_dir, "--input", docs_jsonl, "--output", str(out), *SCORE_FLAGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    killed = out.read_text()
+    assert not killed.endswith("\n")  # the kill tore the last line
+    complete = killed.count("\n")
+    assert 4 <= complete < len(read_rows(uninterrupted))
+
+    assert score_cli(tiny_model_dir, docs_jsonl, out) == 0
+    report = capsys.readouterr().out
+    assert f"already scored before this run: {complete}" in report
+    assert "dropped a partial last line" in report
+    assert out.read_bytes() == uninterrupted.read_bytes()
+
+
+def test_shards_partition_the_input(tmp_path, tiny_model_dir, docs_jsonl, uninterrupted):
+    full = {r["id"]: r for r in read_rows(uninterrupted)}
+    seen = []
+    for shard in range(2):
+        out = tmp_path / f"part{shard}.jsonl"
+        assert score_cli(tiny_model_dir, docs_jsonl, out, "--num-shards", "2",
+                         "--shard-index", str(shard), "--batch-size", "3") == 0
+        for row in read_rows(out):
+            seen.append(row["id"])
+            if row["score"] is not None:  # batched with padding: same score up to rounding
+                assert row["score"] == pytest.approx(full[row["id"]]["score"], rel=1e-5)
+    assert sorted(seen) == sorted(full)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir, docs_jsonl,
+                                               uninterrupted, capsys):
+    out = tmp_path / "scores.jsonl"
+    shutil.copy(uninterrupted, out)
+    assert score_cli(tiny_model_dir, docs_jsonl, out, "--variant", "paper") == 2
+    assert "other settings" in capsys.readouterr().err
+    assert out.read_bytes() == uninterrupted.read_bytes()
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"id": "x", "text": "fine", "meta": {"set": "a"}}\n{"id": "y", "text": "unterminated\n',
+     "line 2: not valid JSON"),
+    ('{"id": "x", "body": "no text field", "meta": {"set": "a"}}\n',
+     "neither 'text' (--text-key) nor 'input_ids'"),
+    ('{"id": "x", "input_ids": [1, 2, "3"], "meta": {"set": "a"}}\n',
+     "list of non-negative integers"),
+    ('{"id": "x", "input_ids": [1, 99999999], "meta": {"set": "a"}}\n',
+     "outside the model's vocabulary"),
+    ('{"id": "x", "text": "a", "meta": {"set": "a"}}\n'
+     '{"id": "x", "text": "b", "meta": {"set": "a"}}\n', "duplicate id 'x'"),
+    ('{"id": "x", "text": "a", "meta": {}}\n', "no field 'meta.set' (--domain-key)"),
+])
+def test_bad_input_is_refused_before_scoring(tmp_path, tiny_model_dir, capsys, row, message):
+    docs = tmp_path / "bad.jsonl"
+    docs.write_text(row)
+    out = tmp_path / "scores.jsonl"
+    assert score_cli(tiny_model_dir, str(docs), out) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(docs) in err
+    assert not out.exists()
+
+
+def test_pretokenized_rows_are_used_as_is(tmp_path, tiny_model_dir, tiny_llama, austen_ids):
+    docs = tmp_path / "ids.jsonl"
+    docs.write_text(json.dumps({"id": 7, "input_ids": austen_ids[:700]}) + "\n")
+    out = tmp_path / "scores.jsonl"
+    assert ladm_select.main(["score", "--model", tiny_model_dir, "--input", str(docs),
+                             "--output", str(out), "--seq-length", "512", "--span", "16",
+                             "--no-progress"]) == 0
+    (row,) = read_rows(out)
+    assert row["id"] == "7" and row["length"] == 512 and row["num_tokens"] == 700
+    assert row["domain"] is None
+    from transformers import LlamaModel
+
+    saved = LlamaModel.from_pretrained(tiny_model_dir).eval()
+    expected = CdsScorer(saved, CdsSettings(span=16)).layer_scores([austen_ids[:512]])[0]
+    assert rel_diff(row["layer_cds"], expected) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------
+# Selection under a token budget
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synthetic_pool(tmp_path_factory):
+    """Score and input files for 3 domains of 100 / 50 / 20 documents, plus noise rows."""
+    rng = random.Random(5)
+    root = tmp_path_factory.mktemp("pool")
+    docs, scores = [], []
+    for domain, count in (("ArXiv", 100), ("FreeLaw", 50), ("Wikipedia", 20)):
+        for n in range(count):
+            doc_id = f"{domain}-{n}"
+            tokens = rng.randint(32768, 120000)
+            docs.append({"id": doc_id, "text": "...", "meta": {"pile_set_name": domain}})
+            scores.append({"id": doc_id, "domain": domain, "length": 32768,
+                           "num_tokens": tokens, "score": rng.random()})
+    docs.append({"id": "tiny", "text": "x"})
+    scores.append({"id": "tiny", "domain": "ArXiv", "length": 3, "num_tokens": 3,
+                   "score": None, "unscorable": "shorter than 2305 tokens"})
+    scores.append(dict(scores[0]))  # an exact duplicate row (e.g. shard files passed twice)
+    rng.shuffle(docs)
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    return root, [s for s in scores[:-1] if s["score"] is not None]
+
+
+def run_select(root, budget, *extra):
+    out = root / f"selected-{budget}-{'-'.join(extra)}.jsonl"
+    assert ladm_select.main(["select", "--scores", str(root / "scores.jsonl"), "--input",
+                             str(root / "docs.jsonl"), "--budget-tokens", str(budget),
+                             "--output", str(out), *extra]) == 0
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    return [r["id"] for r in read_rows(out)], summary
+
+
+def top_per_domain(pool, percentile):
+    chosen = []
+    for domain in {s["domain"] for s in pool}:
+        ranked = sorted((s for s in pool if s["domain"] == domain), key=lambda s: -s["score"])
+        chosen += ranked[:len(ranked) * percentile // 100]
+    return chosen
+
+
+@pytest.mark.parametrize("budget", [600_000, 2_500_000])
+def test_per_domain_selection_honours_budget_and_proportions(synthetic_pool, budget, capsys):
+    root, pool = synthetic_pool
+    selected, summary = run_select(root, budget, "--per-domain")
+    p = summary["percentile"]
+    expected = top_per_domain(pool, p)
+    assert sorted(selected) == sorted(s["id"] for s in expected)
+    tokens = sum(s["num_tokens"] for s in expected)
+    assert summary["selected_tokens"] == tokens >= budget and summary["budget_reached"]
+    assert sum(s["num_tokens"] for s in top_per_domain(pool, p - 1)) < budget  # smallest p
+    for domain, size in (("ArXiv", 100), ("FreeLaw", 50), ("Wikipedia", 20)):
+        assert summary["domains"][domain]["selected_docs"] == size * p // 100
+    assert summary["unscorable_rows_ignored"] == 1 and summary["duplicate_rows_ignored"] == 1
+    assert sum(summary["score_histogram"]["pool"]) == len(pool)
+    assert sum(summary["score_histogram"]["selected"]) == len(selected)
+    err = capsys.readouterr().err
+    try:
+        import matplotlib  # noqa: F401
+
+        assert os.path.isfile(summary["histogram_png"])
+    except ImportError:
+        assert summary["histogram_png"] is None and "matplotlib is not installed" in err
+
+
+def test_global_selection_takes_the_smallest_top_k(synthetic_pool):
+    root, pool = synthetic_pool
+    budget = 1_000_000
+    selected, summary = run_select(root, budget)
+    ranked = sorted(pool, key=lambda s: -s["score"])
+    k = len(selected)
+    assert sorted(selected) == sorted(s["id"] for s in ranked[:k])
+    assert sum(s["num_tokens"] for s in ranked[:k]) >= budget
+    assert sum(s["num_tokens"] for s in ranked[:k - 1]) < budget
+    assert summary["rule"] == "global" and summary["percentile"] is None
+
+
+def test_budget_beyond_the_pool_takes_everything_and_says_so(synthetic_pool, capsys):
+    root, pool = synthetic_pool
+    selected, summary = run_select(root, 10**12, "--per-domain")
+    assert len(selected) == len(pool) and not summary["budget_reached"]
+    assert "NOT reached" in capsys.readouterr().out
+
+
+def test_conflicting_duplicate_scores_are_refused(tmp_path):
+    rows = [{"id": "a", "domain": "x", "length": 9, "num_tokens": 9, "score": s}
+            for s in (0.1, 0.2)]
+    path = tmp_path / "scores.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(selection.InputError, match="line 2: id 'a' scored again"):
+        selection.load_scores([str(path)])
+
+
+# ------------------------------------------------------------------------------------------
+# ProLong delta perplexity behind the same interface
+# ------------------------------------------------------------------------------------------
+
+def test_pair_sampling_is_complete_or_seeded():
+    everything = sample_pairs(6, 500, random.Random(0))
+    assert sorted(everything) == sorted((i, j) for i in range(6) for j in range(i))
+    some = sample_pairs(40, 50, random.Random("11:doc"))
+    assert len(set(some)) == 50 and all(0 <= j < i < 40 for i, j in some)
+    assert some == sample_pairs(40, 50, random.Random("11:doc"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_lm(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+def test_prolong_perplexities_are_the_model_loss(smollm2_lm, austen_ids):
+    scorer = ProlongScorer(smollm2_lm, ProlongSettings(span=32, seq_length=512))
+    seg_i, seg_j = austen_ids[96:128], austen_ids[0:32]
+    with torch.no_grad():
+        alone = torch.exp(smollm2_lm(torch.tensor([seg_i]), labels=torch.tensor([seg_i])).loss)
+        labels = torch.tensor([[-100] * 33 + seg_i[1:]])
+        joined = torch.exp(smollm2_lm(torch.tensor([seg_j + seg_i]), labels=labels).loss)
+    got = scorer._perplexities(torch.tensor([seg_i]), 0)[0]
+    got_joined = scorer._perplexities(torch.tensor([seg_j + seg_i]), 32)[0]
+    assert got == pytest.approx(float(alone), rel=1e-5)
+    assert got_joined == pytest.approx(float(joined), rel=1e-5)
+
+
+def released_lds(alone, conditioned, chunk_num, threshold):
+    """The released ``compute_lds``/``compute_de`` logic, transcribed loop for loop: a full
+    matrix of pair perplexities with inf where a pair was not sampled."""
+    import numpy as np
+
+    def dependency_entropy(logits):
+        if len(logits) == 1:
+            return 1
+        x = np.exp(np.array(logits) - np.max(logits))
+        x = x / x.sum()
+        if 0 in x:
+            x += 1e-12
+            x /= np.sum(x)
+        return np.clip((np.log(len(logits)) + np.sum(x * np.log(x))) / np.log(len(logits)), 0, 1)
+
+    n = len(alone)
+    delta = [[0.0] * n for _ in range(n)]
+    entropy = [0.0] * n
+    for i in range(n):
+        row = []
+        for j in range(i):
+            delta[i][j] = alone[i] - conditioned.get((i, j), float("inf"))
+            if (i, j) in conditioned:
+                row.append(delta[i][j])
+        if row:
+            entropy[i] = dependency_entropy(row)
+    lds = 0.0
+    for i in range(n):
+        for j in range(i):
+            delta[i][j] /= alone[i]
+            if delta[i][j] > threshold:
+                lds += (delta[i][j] + np.clip((i - j) / (chunk_num - 1), 0, 1)) * entropy[i]
+    return lds
+
+
+def test_lds_formula_matches_the_released_computation():
+    rng = random.Random(3)
+    for trial in range(20):
+        n = rng.randint(2, 30)
+        alone = [rng.uniform(5, 400) for _ in range(n)]
+        pairs = sample_pairs(n, rng.randint(1, 60), rng)
+        conditioned = {p: alone[p[0]] * rng.uniform(0.3, 1.2) for p in pairs}
+        ours = lds_from_perplexities(alone, pairs, [conditioned[p] for p in pairs], 256, 0.1)
+        assert ours == pytest.approx(released_lds(alone, conditioned, 256, 0.1), rel=1e-9,
+                                     abs=1e-12)
+
+
+def test_prolong_score_is_the_lds_of_model_perplexities(smollm2_lm, austen_ids):
+    """End to end on SmolLM2: segments, seeded pair sampling and each perplexity from the
+    model's own loss, then the released LDS arithmetic."""
+    settings = ProlongSettings(span=16, seq_length=1024, pairs=12, seed=11)
+    doc = austen_ids[:100]  # 6 whole segments of 16 (the partial 7th is dropped), 15 pairs
+    got = ProlongScorer(smollm2_lm, settings).score([doc], ["doc-1"])[0]["score"]
+
+    segments = [doc[16 * n:16 * (n + 1)] for n in range(6)]
+    pairs = sample_pairs(6, 12, random.Random("11:doc-1"))
+    assert len(pairs) == 12
+
+    def ppl(ids, labels):
+        with torch.no_grad():
+            return float(torch.exp(smollm2_lm(torch.tensor([ids]),
+                                              labels=torch.tensor([labels])).loss))
+
+    alone = [ppl(s, s) for s in segments]
+    conditioned = {(i, j): ppl(segments[j] + segments[i], [-100] * 17 + segments[i][1:])
+                   for i, j in pairs}
+    expected = released_lds(alone, conditioned, 1024 // 16, 0.1)
+    assert expected > 0
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_prolong_scorer_from_the_command_line(tmp_path, tiny_model_dir, docs_jsonl):
+    out = tmp_path / "prolong.jsonl"
+    assert score_cli(tiny_model_dir, docs_jsonl, out, "--scorer", "prolong-delta-ppl",
+                     "--prolong-pairs", "20") == 0
+    rows = read_rows(out)
+    scored = [r for r in rows if r["score"] is not None]
+    assert scored and all(r["settings"]["scorer"] == "prolong-delta-ppl" for r in rows)
+    assert all(r["score"] >= 0 for r in scored)
