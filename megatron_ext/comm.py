@@ -75,3 +75,27 @@ def all_gather_seq(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
     if dist.get_world_size(group) == 1:
         return x
     return _AllGatherSeq.apply(x, group, dim)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def sum_over_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's ``x`` summed, when every rank then computes the *same* loss from the sum.
+
+    Each rank back-propagates that one loss through its own partial sum, so the gradient reaching
+    ``x`` is the loss's gradient with respect to the total, unchanged (identity backward); the
+    parameter gradients of the ranks' partial sums are added later by the gradient all-reduce.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _SumOverGroup.apply(x, group)

@@ -44,6 +44,8 @@ class LanguageModelingObjective:
     """
 
     device: torch.device
+    loss_key: str = "lm loss"
+    metrics: tuple = ()
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -64,7 +66,7 @@ class TrainingSetup:
     model: List[torch.nn.Module]
     optimizer: object
     scheduler: OptimizerParamScheduler
-    objective: LanguageModelingObjective
+    objective: object  # LanguageModelingObjective or PreferenceObjective
     train_data: object
     valid_data: Optional[object]
     layout: BatchLayout
@@ -159,9 +161,23 @@ def setup(args: argparse.Namespace, plat) -> TrainingSetup:
     if (eval_runs or args.skip_train) and valid_ds is None:
         raise ValueError(f"evaluation is asked for but --split {args.split} leaves no validation "
                          "data")
-    objective = LanguageModelingObjective(device)
+    objective = build_objective(args, device, plat.is_cpu)
     return TrainingSetup(args, model, optimizer, scheduler, objective, train_ds, valid_ds, layout,
                          iteration)
+
+
+def build_objective(args: argparse.Namespace, device: torch.device, on_cpu: bool):
+    if args.objective != "preference":
+        return LanguageModelingObjective(device)
+    from megatron_ext.model.builder import attention_backend
+    from megatron_ext.preference_loss import PreferenceLossConfig
+    from megatron_ext.preference_objective import PreferenceObjective
+
+    if attention_backend(args, on_cpu) != "torch":
+        raise ValueError("preference training keeps its answers apart with document / branch "
+                         "masks, which the torch attention backend implements: pass "
+                         "--attention-backend torch")
+    return PreferenceObjective(device, PreferenceLossConfig.from_args(args))
 
 
 def embedding_rows(args: argparse.Namespace, tokenizer) -> int:
@@ -227,8 +243,9 @@ def evaluate(s: TrainingSetup) -> Dict[str, float]:
             totals.append(run_schedule(s, data, forward_only=True))
     for chunk in s.model:
         chunk.train()
-    tokens = sum(t["lm loss tokens"] for t in totals)
-    loss = sum(t["lm loss"] * t["lm loss tokens"] for t in totals) / max(tokens, 1)
+    key = s.objective.loss_key
+    tokens = sum(t[key + " tokens"] for t in totals)
+    loss = sum(t[key] * t[key + " tokens"] for t in totals) / max(tokens, 1)
     return {"loss": loss, "tokens": tokens}
 
 
@@ -248,11 +265,14 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
         step_s = time.perf_counter() - step_start
         s.iteration += 1
         window_s, window_iters = window_s + step_s, window_iters + 1
-        record = {"iteration": s.iteration, "loss": out["lm loss"], "lr": lr,
+        key = s.objective.loss_key
+        # loss_tokens: the loss's denominator (scored tokens; rows for preference losses).
+        record = {"iteration": s.iteration, "loss": out[key], "lr": lr,
                   "grad_norm": out["grad_norm"], "tokens": tokens_per_iter * s.iteration,
-                  "loss_tokens": out["lm loss tokens"], "step_s": round(step_s, 4),
+                  "loss_tokens": out[key + " tokens"], "step_s": round(step_s, 4),
                   "tokens_per_s": round(tokens_per_iter / step_s, 2),
-                  "elapsed_s": round(time.perf_counter() - run_start, 4)}
+                  "elapsed_s": round(time.perf_counter() - run_start, 4),
+                  **{metric: out[metric] for metric in s.objective.metrics}}
         records.append(record)
         writer.record(record, s.iteration)
         if s.iteration % args.log_interval == 0 or s.iteration == last_iter:
@@ -260,12 +280,14 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
                        f"{data.consumed_samples:10d} | elapsed time per iteration (ms): "
                        f"{1000 * window_s / window_iters:.1f} | tokens/s: "
                        f"{tokens_per_iter * window_iters / window_s:.1f} | learning rate: {lr:.6E} | "
-                       f"lm loss: {out['lm loss']:.6E} | grad norm: {out['grad_norm']:.4f} | "
-                       f"skipped: {int(out['skipped'])}")
+                       f"{key}: {out[key]:.6E} | "
+                       + "".join(f"{m}: {out[m]:.4f} | " for m in s.objective.metrics)
+                       + f"grad norm: {out['grad_norm']:.4f} | skipped: {int(out['skipped'])}")
             window_s, window_iters = 0.0, 0
         if args.eval_interval and s.iteration % args.eval_interval == 0:
             result = evaluate(s)
-            writer.log(f" validation at iteration {s.iteration} | lm loss: {result['loss']:.6E}")
+            writer.log(f" validation at iteration {s.iteration} | {s.objective.loss_key}: "
+                       f"{result['loss']:.6E}")
             writer.record({"kind": "eval", "iteration": s.iteration, "eval_loss": result["loss"],
                            "eval_tokens": result["tokens"]}, s.iteration, prefix="eval")
             training_hook.run_during_training(s.model, args, s.iteration, writer)
@@ -309,7 +331,7 @@ def _run(args: argparse.Namespace) -> int:
                    f"starting at iteration {s.iteration}")
         if args.skip_train:
             result = evaluate(s)
-            writer.log(f" evaluation only | lm loss: {result['loss']:.6E} | "
+            writer.log(f" evaluation only | {s.objective.loss_key}: {result['loss']:.6E} | "
                        f"{result['tokens']} tokens at --seq-length {args.seq_length}")
             writer.record({"kind": "eval", "iteration": s.iteration, "eval_loss": result["loss"],
                            "eval_tokens": result["tokens"]}, s.iteration, prefix="eval")

@@ -118,6 +118,8 @@ def build_gpt_datasets(
 
 def datasets_from_args(args, tokenizer, num_samples: List[int]):
     """The datasets training reads, from its command-line flags (also used by inspect_batches)."""
+    if args.objective == "preference":
+        return build_preference_datasets(args, tokenizer, num_samples)
     return build_gpt_datasets(
         args.data_blend, args.split, args.seq_length, args.seed, tokenizer,
         num_samples=num_samples,
@@ -130,6 +132,32 @@ def datasets_from_args(args, tokenizer, num_samples: List[int]):
         pose_num_chunks=args.pose_num_chunks,
         longrecipe_contiguous_prefix=args.longrecipe_contiguous_prefix,
     )
+
+
+def build_preference_datasets(args, tokenizer, num_samples: List[int]):
+    """[train, valid, test] preference datasets (None for a split nobody reads); fills
+    ``args.num_rejected`` from the data when it was not given."""
+    from megatron_ext.data.preference_samples import (PreferenceConfig, PreferenceDataset,
+                                                      PreferenceRows, split_rows)
+
+    rows = PreferenceRows(args.data_blend[0][0])
+    if args.num_rejected is None:
+        args.num_rejected = int(rows.meta.get("min_rejected", 1))
+    config = PreferenceConfig(
+        seq_length=args.seq_length, num_rejected=args.num_rejected,
+        layout=args.preference_packing, position_scheme=args.position_scheme,
+        target_seq_length=args.target_seq_length, seed=args.seed,
+        pad_token=tokenizer.pad if tokenizer.pad is not None and tokenizer.pad >= 0 else tokenizer.eod)
+    datasets = []
+    for name, part, count in zip(SPLIT_NAMES, split_rows(len(rows), args.split), num_samples):
+        if count <= 0:
+            datasets.append(None)
+            continue
+        if len(part) == 0:
+            raise ValueError(f"--split {args.split} gives the {name} split of {rows.prefix} no rows "
+                             f"(it has {len(rows)}); raise the {name} share of --split")
+        datasets.append(PreferenceDataset(rows, part, count, config, name))
+    return datasets
 
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

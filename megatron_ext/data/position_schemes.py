@@ -14,6 +14,11 @@ same ids.
               the gaps *between* segments as a uniform random composition, so the first id is 0
               and the last is exactly T-1 (the released code computed gaps on unfiltered text and
               covered only ~65% of T; see shared/specs/longrecipe.md).
+  logo        LOGO's position synthesis for preference data (Tang et al. 2024): the prompt's head
+              (template / system prefix) keeps ids from 0, each context chunk keeps contiguous ids
+              at a random offset inside its own equal slot of the window, and the question and
+              answers follow the last chunk contiguously. No padding inside the sequence (the
+              released builder padded every chunk; see shared/specs/logo.md section 7).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-SCHEMES = ("contiguous", "pose", "longrecipe")
+SCHEMES = ("contiguous", "pose", "longrecipe", "logo")
 
 
 def contiguous(length: int) -> np.ndarray:
@@ -113,6 +118,42 @@ def _longrecipe(boundaries: np.ndarray, length: int, target_length: int,
     shift = np.zeros(length, dtype=np.int64)
     shift[boundaries] = gaps
     positions += np.cumsum(shift)
+    return positions
+
+
+def logo(segment_lengths: Sequence[int], answer_length: int, target_length: int,
+         rng: np.random.Generator) -> np.ndarray:
+    """Position ids of a preference prompt ``[head, chunk_1 .. chunk_n, question]``.
+
+    The answers (at most ``answer_length`` tokens) continue after the last prompt id, so every id
+    stays below ``target_length``. The head starts at 0 (models always saw their BOS / system
+    prompt there); the window between the head and the question-and-answer tail is cut into n equal
+    slots and chunk i lies at a uniformly random offset inside slot i, so chunks keep their order,
+    never overlap and jump between each other. Fewer than three segments: contiguous ids.
+    """
+    lengths = np.asarray(segment_lengths, dtype=np.int64)
+    if lengths.ndim != 1 or len(lengths) == 0 or (lengths <= 0).any():
+        raise ValueError(f"segment lengths must be positive, got {lengths.tolist()}")
+    total = int(lengths.sum())
+    _check_target(total + answer_length, target_length)
+    positions = np.arange(total, dtype=np.int64)
+    if len(lengths) < 3:
+        return positions
+    head, chunks, question = int(lengths[0]), lengths[1:-1], int(lengths[-1])
+    slot = (target_length - head - question - answer_length) // len(chunks)
+    if chunks.max() > slot:
+        raise ValueError(
+            f"a context chunk of {int(chunks.max())} tokens does not fit its slot of {slot} "
+            f"positions ({len(chunks)} chunks, {question}-token question, answers up to "
+            f"{answer_length} tokens in a {target_length}-position window): raise "
+            f"--target-seq-length or preprocess with a smaller --context-chunk-tokens")
+    offsets = rng.integers(0, slot - chunks + 1)  # one draw per chunk, each in its own slot
+    starts = head + slot * np.arange(len(chunks)) + offsets
+    chunk_ends = np.cumsum(lengths)[:-1]
+    positions[head:chunk_ends[-1]] = np.concatenate(
+        [start + np.arange(n) for start, n in zip(starts, chunks)])
+    last = positions[chunk_ends[-1] - 1]
+    positions[chunk_ends[-1]:] = last + 1 + np.arange(question)
     return positions
 
 

@@ -47,12 +47,16 @@ class DocumentMaskParams(PackedSeqParams):
     """Document ids of this rank's tokens for document-masked attention, in the ``sbhd`` format.
 
     ``document_ids``: LongTensor [b, s_local] (sliced with ``slice_for_cp`` like the tokens).
+    ``branch_ids``: optional LongTensor [b, s_local] for prefix-sharing branches inside a document
+    (preference answers sharing one prompt): a token of branch 0 is seen by every later token of
+    its document, a token of branch k > 0 only by tokens of branch k.
     ``max_seqlen_q/kv`` hold the full (pre-CP) sequence length because the stock
     ``GPTModel._preprocess`` sizes its rotary table from them whenever ``packed_seq_params`` is
     given (``PositionIdsGPTModel`` does not need them); ``cu_seqlens_*`` stay None.
     """
 
     document_ids: Optional[Tensor] = None
+    branch_ids: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.qkv_format is None:
@@ -62,17 +66,46 @@ class DocumentMaskParams(PackedSeqParams):
                              f"format, got qkv_format={self.qkv_format!r}")
 
     @classmethod
-    def for_tokens(cls, document_ids: Tensor, seq_length: int) -> "DocumentMaskParams":
+    def for_tokens(cls, document_ids: Tensor, seq_length: int,
+                   branch_ids: Optional[Tensor] = None) -> "DocumentMaskParams":
         """``document_ids`` [b, s_local] of this rank's tokens; ``seq_length``: ``--seq-length``."""
-        return cls(qkv_format="sbhd", document_ids=document_ids, max_seqlen_q=seq_length,
-                   max_seqlen_kv=seq_length)
+        return cls(qkv_format="sbhd", document_ids=document_ids, branch_ids=branch_ids,
+                   max_seqlen_q=seq_length, max_seqlen_kv=seq_length)
+
+    def visibility_keys(self) -> Tensor:
+        return visibility_keys(self.document_ids, self.branch_ids)
 
 
-def _document_ids_from(packed_seq_params: Optional[PackedSeqParams]) -> Optional[Tensor]:
+# Documents and branches travel (and are all-gathered over CP) as one integer per token.
+BRANCH_BITS = 20
+_BRANCH_MASK = (1 << BRANCH_BITS) - 1
+
+
+def visibility_keys(document_ids: Tensor, branch_ids: Optional[Tensor] = None) -> Tensor:
+    """One integer per token that decides visibility: document << BRANCH_BITS | branch."""
+    keys = document_ids.long() << BRANCH_BITS
+    if branch_ids is not None:
+        if branch_ids.shape != document_ids.shape:
+            raise ValueError(f"branch_ids shape {tuple(branch_ids.shape)} differs from "
+                             f"document_ids shape {tuple(document_ids.shape)}")
+        if bool((branch_ids < 0).any()) or bool((branch_ids > _BRANCH_MASK).any()):
+            raise ValueError(f"branch ids must lie in [0, {_BRANCH_MASK}]")
+        keys = keys | branch_ids.long()
+    return keys
+
+
+def _visible_keys(q_keys: Tensor, k_keys: Tensor) -> Tensor:
+    """[b, q, k] bool: same document, and the key is shared (branch 0) or in the query's branch."""
+    same_doc = (q_keys[:, :, None] >> BRANCH_BITS) == (k_keys[:, None, :] >> BRANCH_BITS)
+    k_branch = k_keys[:, None, :] & _BRANCH_MASK
+    return same_doc & ((k_branch == 0) | (k_branch == (q_keys[:, :, None] & _BRANCH_MASK)))
+
+
+def _visibility_keys_from(packed_seq_params: Optional[PackedSeqParams]) -> Optional[Tensor]:
     if packed_seq_params is None:
         return None
     if isinstance(packed_seq_params, DocumentMaskParams):
-        return packed_seq_params.document_ids
+        return packed_seq_params.visibility_keys()
     raise ValueError(
         f"TorchContextParallelAttention takes document boundaries as DocumentMaskParams "
         f"(qkv_format='sbhd'), got {type(packed_seq_params).__name__} with qkv_format="
@@ -134,7 +167,7 @@ def _visibility(qb: Block, kb: Block, q_docs: Optional[Tensor], k_docs: Optional
         k_pos = torch.arange(kb.global_start, kb.global_last + 1, device=device)
         mask = (k_pos[None, :] <= q_pos[:, None]).unsqueeze(0)
     if q_docs is not None:
-        same_doc = q_docs[:, qb.start:qb.end, None] == k_docs[:, None, kb.start:kb.end]
+        same_doc = _visible_keys(q_docs[:, qb.start:qb.end], k_docs[:, kb.start:kb.end])
         mask = same_doc if mask is None else mask & same_doc
         # (One host sync per block pair on GPU; skipping is an optimisation, not needed for
         # correctness: a fully hidden block contributes exp(-inf) = 0.)
@@ -286,6 +319,8 @@ def context_parallel_attention(
     key_document_ids: Optional[Tensor] = None,
     causal: bool = True,
     max_block_size: Optional[int] = None,
+    query_branch_ids: Optional[Tensor] = None,
+    key_branch_ids: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention of this rank's queries over every rank's keys, in Megatron's shapes.
 
@@ -293,6 +328,7 @@ def context_parallel_attention(
     key / value: [seq_len, b, ng, hn(v)], all ranks' tokens in rank order (what an all-gather of
         every rank's local keys returns). np must be a multiple of ng (GQA).
     query_document_ids: [b, seq_len / cp_size]; key_document_ids: [b, seq_len] (rank order).
+    query_branch_ids / key_branch_ids: optional, same shapes (see ``DocumentMaskParams``).
     Returns [seq_len / cp_size, b, np * hn(v)].
     """
     sq, b, heads, head_dim = query.shape
@@ -305,6 +341,12 @@ def context_parallel_attention(
                          f"{key.shape[0]}")
     if (query_document_ids is None) != (key_document_ids is None):
         raise ValueError("pass document ids for both queries and keys, or for neither")
+    if (query_branch_ids is None) != (key_branch_ids is None) or (
+            query_branch_ids is not None and query_document_ids is None):
+        raise ValueError("branch ids come with document ids, for both queries and keys")
+    if query_document_ids is not None:
+        query_document_ids = visibility_keys(query_document_ids, query_branch_ids)
+        key_document_ids = visibility_keys(key_document_ids, key_branch_ids)
 
     block = default_block_size(seq_len, cp_size, max_block_size)
     q_blocks = layout_blocks(seq_len, cp_size, [cp_rank], block)
@@ -412,21 +454,25 @@ class TorchContextParallelAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by the torch CP backend")
         mask_type = self._check_mask_type(attn_mask_type or self.attn_mask_type)
-        document_ids = _document_ids_from(packed_seq_params)
+        keys = _visibility_keys_from(packed_seq_params)
         local_tokens = (query.shape[1], query.shape[0])
-        if document_ids is not None and tuple(document_ids.shape) != local_tokens:
-            raise ValueError(f"document_ids shape {tuple(document_ids.shape)} does not match this "
+        if keys is not None and tuple(keys.shape) != local_tokens:
+            raise ValueError(f"document_ids shape {tuple(keys.shape)} does not match this "
                              f"rank's tokens [b={query.shape[1]}, s={query.shape[0]}]; slice them "
                              f"with slice_for_cp like the tokens")
 
         cp_size, cp_rank = self._cp_size_and_rank()
-        key_all, value_all, key_document_ids = self._gather_keys_values(key, value, document_ids)
+        key_all, value_all, key_keys = self._gather_keys_values(key, value, keys)
+        split = {}
+        if keys is not None:  # back to (document, branch) for the public function
+            split = dict(query_document_ids=keys >> BRANCH_BITS, query_branch_ids=keys & _BRANCH_MASK,
+                         key_document_ids=key_keys >> BRANCH_BITS,
+                         key_branch_ids=key_keys & _BRANCH_MASK)
         return context_parallel_attention(
             query, key_all, value_all,
             seq_len=query.shape[0] * cp_size, cp_size=cp_size, cp_rank=cp_rank,
-            softmax_scale=self.softmax_scale,
-            query_document_ids=document_ids, key_document_ids=key_document_ids,
-            causal=mask_type == AttnMaskType.causal, max_block_size=self.max_block_size)
+            softmax_scale=self.softmax_scale, causal=mask_type == AttnMaskType.causal,
+            max_block_size=self.max_block_size, **split)
 
     def _gather_keys_values(self, key: Tensor, value: Tensor, document_ids: Optional[Tensor]):
         """Every CP rank's keys, values (and document ids), in rank order."""

@@ -1,0 +1,73 @@
+"""Reference-free preference losses on answer log-probabilities from vocab-parallel logits.
+
+For one row with a chosen answer y_w and M rejected answers y_l1..y_lM, s(y) is the mean token
+log-probability of the answer given the prompt (length-normalised, as SimPO and LOGO):
+
+  logo   L = -log sigmoid(beta * (s(y_w) - mean_j s(y_lj)) - gamma) + sft_weight * CE(y_w)
+  simpo  the same with M = 1 (and no SFT term by default)
+
+CE(y_w) is the chosen answer's token-mean cross entropy, i.e. -s(y_w): both use correctly shifted
+labels (the logit at t - 1 scores token t) and only answer tokens. All M rejected answers weigh
+the same (the released LOGO code over-weighted the first; shared/specs/logo.md section 7). The
+loss of a global batch is the mean over its rows; with a per-device batch of 1 and gradient
+accumulation, as LOGO trained, that is also what the released code averaged.
+
+Distributed: the token log-probs come from Megatron's ``vocab_parallel_cross_entropy`` (each TP
+rank holds V / TP logits; no rank gathers the vocabulary). Under context parallelism an answer's
+tokens are spread over the CP ranks, so the per-answer sums are added over the CP group
+(``sum_over_group``) before the non-linear loss; every CP rank then holds the same per-row losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ext.comm import sum_over_group
+
+METRICS = ("pref_loss", "sft_loss", "rewards/chosen", "rewards/rejected", "margin", "accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceLossConfig:
+    loss: str
+    beta: float
+    gamma: float
+    sft_weight: float
+    num_rejected: int
+
+    @classmethod
+    def from_args(cls, args) -> "PreferenceLossConfig":
+        return cls(args.preference_loss, args.beta, args.gamma, args.sft_weight, args.num_rejected)
+
+
+def answer_log_prob_sums(token_log_probs: torch.Tensor, rows: torch.Tensor, branches: torch.Tensor,
+                         batch_size: int, num_branches: int, cp_group=None) -> torch.Tensor:
+    """[batch, 1 + M] sums of the scored tokens' log-probs per row and answer (over all CP ranks).
+
+    token_log_probs [n]: log-prob of the label at each scored position this rank holds; rows [n]
+    and branches [n]: which row and which answer (0 = chosen) each belongs to.
+    """
+    slot = rows * num_branches + branches
+    sums = token_log_probs.new_zeros(batch_size * num_branches).index_add(0, slot, token_log_probs)
+    return sum_over_group(sums, cp_group).view(batch_size, num_branches)
+
+
+def preference_losses(mean_log_probs: torch.Tensor, config: PreferenceLossConfig
+                      ) -> Dict[str, torch.Tensor]:
+    """Per-row losses and metrics from ``mean_log_probs`` [batch, 1 + M] (s of each answer)."""
+    chosen, rejected = mean_log_probs[:, 0], mean_log_probs[:, 1:].mean(dim=1)
+    if config.loss not in ("logo", "simpo"):
+        raise ValueError(f"--preference-loss {config.loss!r}: expected logo or simpo")
+    logits = config.beta * (chosen - rejected) - config.gamma
+    pref = -F.logsigmoid(logits)
+    sft = -chosen
+    with torch.no_grad():
+        rewards_chosen, rewards_rejected = config.beta * chosen, config.beta * rejected
+        metrics = {"rewards/chosen": rewards_chosen, "rewards/rejected": rewards_rejected,
+                   "margin": rewards_chosen - rewards_rejected,
+                   "accuracy": (chosen > rejected).to(chosen.dtype)}
+    return {"loss": pref + config.sft_weight * sft, "pref_loss": pref, "sft_loss": sft, **metrics}

@@ -1,0 +1,120 @@
+"""The preference-alignment strategy the training schedule calls per micro-batch.
+
+A micro-batch holds rows built by ``data/preference_samples.py`` (all answers of a row in one
+sequence, separate or shared-prefix). Per micro-batch:
+
+1. every rank reads the whole micro-batch, counts the scored tokens of each answer (the
+   length normalisation needs whole answers) and keeps its context-parallel slice;
+2. the model runs with document / branch masks, and on the last pipeline stage only the scored
+   positions reach the output layer: a forward hook trims the decoder output to them, so logits
+   exist for answer tokens only (never [sequence x vocabulary]);
+3. the label log-probs come from Megatron's vocab-parallel cross entropy; per-answer sums are
+   added over CP; ``preference_loss`` turns them into per-row losses.
+
+Megatron's per-token-loss mode normalises by the count we return: rows here (reported by CP rank
+0 only, since every CP rank holds the same per-row losses), so the objective is the mean loss over
+the rows of the global batch, for any layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_ext.data.context_parallel import slice_for_cp
+from megatron_ext.model.cp_attention import DocumentMaskParams
+from megatron_ext.preference_loss import (METRICS, PreferenceLossConfig, answer_log_prob_sums,
+                                          preference_losses)
+
+LOSS_KEY = "preference loss"
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class ScoredRowsOnly:
+    """Forward hook on the last stage's decoder: keeps only the rows the loss scores.
+
+    The decoder output is [s, b, h]; ``rows`` index its flattening to [s * b, h]. The output
+    layer then sees [n, 1, h] and the model returns logits [1, n, V / TP].
+    """
+
+    def __init__(self):
+        self.rows: Optional[torch.Tensor] = None
+        self._hooked = set()
+
+    def attach(self, model: torch.nn.Module) -> None:
+        gpt = unwrap(model)
+        if id(gpt) not in self._hooked and parallel_state.is_pipeline_last_stage():
+            gpt.decoder.register_forward_hook(self._trim)
+            self._hooked.add(id(gpt))
+
+    def _trim(self, module, inputs, output):
+        if self.rows is None:
+            return output
+        return output.reshape(-1, 1, output.shape[-1]).index_select(0, self.rows)
+
+
+@dataclasses.dataclass
+class PreferenceObjective:
+    device: torch.device
+    loss_config: PreferenceLossConfig
+    loss_key: str = LOSS_KEY
+    metrics: tuple = METRICS
+
+    def __post_init__(self):
+        self.num_branches = self.loss_config.num_rejected + 1
+        self.scored_rows = ScoredRowsOnly()
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        batch_size, seq_length = batch["tokens"].shape
+        # Whole answers: each rank divides its partial sums by the answer's full length.
+        branches = torch.arange(self.num_branches).view(1, -1, 1)
+        counts = (batch["score_branch"].unsqueeze(1) == branches).sum(dim=2)
+        if bool((counts == 0).any()):
+            raise ValueError("a preference row has an answer without scored tokens")
+        cp, cp_rank = (parallel_state.get_context_parallel_world_size(),
+                       parallel_state.get_context_parallel_rank())
+        local = slice_for_cp({k: batch[k] for k in ("tokens", "labels", "position_ids",
+                                                    "document_ids", "branch_ids", "score_branch")},
+                             cp, cp_rank)
+        local = {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+        # Scored positions, in the decoder's sequence-major flattening (index = t * b + row).
+        score_branch = local["score_branch"].t().reshape(-1)
+        rows = torch.nonzero(score_branch >= 0).view(-1)
+        scored = {"rows": rows % batch_size, "branches": score_branch[rows],
+                  "labels": local["labels"].t().reshape(-1)[rows],
+                  "counts": counts.to(self.device)}
+        masks = DocumentMaskParams.for_tokens(local["document_ids"], seq_length,
+                                              branch_ids=local["branch_ids"])
+        self.scored_rows.attach(model)
+        self.scored_rows.rows = rows
+        try:
+            output = model(local["tokens"], local["position_ids"], None, packed_seq_params=masks)
+        finally:
+            self.scored_rows.rows = None
+        return output, functools.partial(self.loss, scored, batch_size)
+
+    def loss(self, scored: Dict[str, torch.Tensor], batch_size: int, logits: torch.Tensor):
+        """logits [1, n, V / TP] of this rank's scored positions -> (loss sum, rows, reports)."""
+        token_losses = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float(), scored["labels"].view(1, -1))[0]
+        sums = answer_log_prob_sums(-token_losses, scored["rows"], scored["branches"], batch_size,
+                                    self.num_branches,
+                                    parallel_state.get_context_parallel_group())
+        per_row = preference_losses(sums / scored["counts"], self.loss_config)
+        # Every CP rank back-propagates the same loss through its own tokens; CP rank 0 alone
+        # counts the rows and reports them, so nothing is counted twice.
+        owner = parallel_state.get_context_parallel_rank() == 0
+        rows = torch.tensor(batch_size if owner else 0, dtype=torch.int, device=logits.device)
+        reports = {key: torch.stack([per_row[name].detach().sum(), rows.float()]) * float(owner)
+                   for key, name in ((self.loss_key, "loss"), *((m, m) for m in self.metrics))}
+        return per_row["loss"].sum(), rows, reports
