@@ -5,6 +5,8 @@ to an fp32 Megatron checkpoint, against transformers on the same tokens:
   single process and under context parallelism (CP=2, two ranks on gloo);
 - passkey at 1K and 2K: greedy answers equal transformers' greedy ``generate`` on the same prompts,
   token for token; CP=2 gives the same per-sample answers; the accuracy is printed;
+- TP=2 x PP=2 (four ranks) on a small random Llama with padded vocabulary rows: loss and greedy
+  answers equal transformers';
 - haystacks: exact length, needle text and depth verified by decoding, filler is corpus text;
 - the training hook runs the tasks on an in-memory (DDP-wrapped) model and logs them.
 """
@@ -20,7 +22,6 @@ import torch
 from launch import REPO_ROOT, free_port, rel_diff, run
 
 pytest_plugins = ("evaluate_fixtures",)  # smollm2, smollm2_megatron, eval_jsonl, novels_jsonl
-pytestmark = pytest.mark.multiprocess
 
 LENGTHS = [1024, 2048]
 DEPTHS = [0.25, 0.75]
@@ -65,7 +66,6 @@ def tokenizer(smollm2):
 def hf_model(smollm2):
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
     return AutoModelForCausalLM.from_pretrained(smollm2["hf"], dtype=torch.float32).eval()
 
 
@@ -126,6 +126,7 @@ def test_eval_corpus_covers_the_lengths(eval_jsonl, tokenizer):
     assert lengths[1] < 1024 and lengths[2] >= 2048
 
 
+@pytest.mark.multiprocess
 def test_ppl_by_position_matches_transformers(runs, hf_ppl):
     for name in ("single", "cp2"):
         by_length = runs[name]["results"]["tasks"]["ppl-by-position"]
@@ -151,6 +152,7 @@ def test_ppl_by_position_matches_transformers(runs, hf_ppl):
     assert two_k["document_indices"] == [2] and two_k["skipped_short"] == 2
 
 
+@pytest.mark.multiprocess
 def test_passkey_greedy_answers_match_transformers(runs, hf_passkey, tokenizer):
     records = runs["single"]["results"]["tasks"]["passkey"]
     for length in map(str, LENGTHS):
@@ -175,6 +177,7 @@ def test_passkey_greedy_answers_match_transformers(runs, hf_passkey, tokenizer):
     assert total > 0, "the model retrieved no passkey at all: the task or the scoring is broken"
 
 
+@pytest.mark.multiprocess
 def test_context_parallel_gives_identical_answers(runs):
     single, cp2 = (runs[k]["results"]["tasks"]["passkey"] for k in ("single", "cp2"))
     for length in map(str, LENGTHS):
@@ -186,6 +189,7 @@ def test_context_parallel_gives_identical_answers(runs):
     assert runs["cp2"]["results"]["config"]["layout"] == {"tp": 1, "pp": 1, "cp": 2, "dp": 1}
 
 
+@pytest.mark.multiprocess
 def test_results_files_and_summary(runs):
     from PIL import Image
 
@@ -229,6 +233,7 @@ def tiny_random_llama(smollm2, tmp_path_factory):
             "flags": (mg / "megatron_args.txt").read_text().split()}
 
 
+@pytest.mark.multiprocess
 def test_tensor_and_pipeline_parallel_match_transformers(tiny_random_llama, eval_jsonl, tokenizer,
                                                          tmp_path):
     """TP=2 x PP=2 (vocab-parallel argmax and loss, pipeline schedule) against transformers."""
@@ -339,7 +344,7 @@ def test_haystack_chat_template_frames_the_prompt(novels_jsonl, tokenizer):
     assert text.endswith(f"The pass key is {sample.answer}")
 
 
-def test_bad_input_is_refused_early(smollm2_megatron, eval_jsonl, tmp_path):
+def test_bad_input_is_refused_early(smollm2_megatron, eval_jsonl, tmp_path, capsys):
     from megatron_ext.evaluate import cli
 
     base = [*smollm2_megatron["flags"], "--load", smollm2_megatron["mg"],
@@ -361,10 +366,11 @@ def test_bad_input_is_refused_early(smollm2_megatron, eval_jsonl, tmp_path):
         with pytest.raises(ValueError) as err:
             cli.finalize(args, world_size=2)
         assert message in str(err.value), extra
-    # From the command line: argparse's exit status 2 and the message, before any process group.
-    proc = run([sys.executable, "-m", "megatron_ext.evaluate", *base, "--lengths", "16384"],
-               check=False)
-    assert proc.returncode == 2 and "exceeds --max-position-embeddings" in proc.stderr
+    # The entry point: argparse's exit status 2 and the message, before any process group.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--lengths", "16384"])
+    assert exit_info.value.code == 2
+    assert "exceeds --max-position-embeddings" in capsys.readouterr().err
     # A corpus row without text: the file and line named.
     from megatron_ext.evaluate.corpus import CorpusError, EvalCorpus
 

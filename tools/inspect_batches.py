@@ -11,6 +11,11 @@ train on:
 Each line holds index, tokens, labels, loss_mask, position_ids (and document_ids for packed
 documents), the starts of recorded segments and documents inside the sample, the token indices
 each context-parallel rank keeps (with --context-parallel-size > 1) and, with --decode, the text.
+
+For preference data (tools/preprocess_preference.py; recognised from --data-path alone) each line
+holds the row, and per branch ("chosen", "rejected_1", ...) the input_ids, labels (-100 on the
+prompt, aligned with the input ids) and position_ids as separate sequences, plus under "packed"
+the one sequence the model sees in the --preference-packing layout.
 """
 
 import sys

@@ -3,6 +3,12 @@
 Uses the training flags and the training code path (``datasets_from_args`` and the global sample
 order of ``MicroBatchIterator``), so a record shows exactly the tokens, labels, loss mask, position
 ids and document ids a training step would see, plus where recorded segments and documents start.
+
+Preference data (``tools/preprocess_preference.py``) is dumped per branch - the chosen answer and
+each rejected one - as separate sequences: input ids, labels (-100 on the prompt; Hugging Face
+style, aligned with the input ids) and position ids, i.e. what a TRL-style trainer would feed for
+the same row. The packed sequence the model really sees (shared-prefix or separate) follows under
+``"packed"``.
 """
 
 from __future__ import annotations
@@ -27,11 +33,33 @@ def sample_records(args, num_samples: int, split: str = "train", decode: bool = 
     dataset = datasets_from_args(args, tokenizer, sizes)[SPLITS.index(split)]
     if dataset is None:
         raise ValueError(f"--split {args.split} leaves the {split} split without documents")
+    if args.objective == "preference":
+        yield from _preference_records(dataset, num_samples, args, tokenizer if decode else None)
+        return
     # One rank holding the whole global batch: the global order every layout shares.
     batches = MicroBatchIterator(dataset, BatchLayout(1, 1, 0, 1))
     for index in range(num_samples):
         batch = {key: value[0] for key, value in next(batches).items()}
         yield _record(index, batch, _flags_of(dataset, index), args, tokenizer if decode else None)
+
+
+def _preference_records(dataset, num_samples: int, args, tokenizer) -> Iterator[Dict]:
+    names = ["chosen"] + [f"rejected_{j}" for j in range(1, args.num_rejected + 1)]
+    for index in range(num_samples):
+        record = {"index": index, "row": dataset.row_of(index)}
+        branches = dataset.branches(index)
+        for name, branch in zip(names, branches, strict=True):
+            entry = {key: value.tolist() for key, value in branch.items()}
+            if tokenizer is not None:
+                answer = branch["input_ids"][branch["labels"] != -100]
+                entry["answer_text"] = tokenizer.detokenize(answer.tolist())
+            record[name] = entry
+        if tokenizer is not None:
+            prompt = branches[0]["input_ids"][branches[0]["labels"] == -100]
+            record["prompt_text"] = tokenizer.detokenize(prompt.tolist())
+        record["packed"] = {"layout": args.preference_packing,
+                            **_record(index, dataset[index], None, args, None)}
+        yield record
 
 
 def _flags_of(dataset, index: int) -> Optional[np.ndarray]:

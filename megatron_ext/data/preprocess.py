@@ -205,7 +205,7 @@ def preprocess(
     except BaseException:
         for name, builder in builders.items():
             builder.data_file.close()
-            _remove_quietly(outputs[name] + ".bin" + tmp)
+            remove_quietly(outputs[name] + ".bin" + tmp)
         raise
     for name, builder in builders.items():
         builder.finalize(outputs[name] + ".idx" + tmp)
@@ -223,7 +223,7 @@ def preprocess(
     return stats
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
     try:
         os.remove(path)
     except FileNotFoundError:

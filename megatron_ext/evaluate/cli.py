@@ -6,8 +6,8 @@
         --tasks ppl-by-position,passkey,niah,niah-multikey --lengths 4K,8K,16K
 
 Model and parallelism flags are training's (any TP / PP / CP layout; remaining ranks are data
-parallel and split the samples). Writes OUTPUT/results.json, one PNG per task and prints a
-one-screen summary.
+parallel and split the samples; --seq-length is not used, --lengths decides). Each sequence is one
+micro-batch. Writes OUTPUT/results.json, one PNG per task and prints a one-screen summary.
 """
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ from megatron_ext.evaluate.tasks import DEFAULT_DEPTHS, TASKS, EvalConfig
 PROG = "python -m megatron_ext.evaluate"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The usage example as written, and every flag's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_HelpFormatter)
     arguments.add_model_args(p)
     arguments.add_parallel_args(p)
     arguments.add_checkpoint_args(p)

@@ -1,0 +1,361 @@
+"""LOGO / SimPO preference alignment: positions, layouts, masks, losses and parallel equivalence.
+
+Real data throughout: LOGO-style retrieval rows built from Austen novels
+(``make_preference_rows``: K real passages as context, "which sentence follows ...?", the true
+next sentence as chosen, wrong retrievals as rejected), rendered with SmolLM2's chat template.
+
+- LOGO position synthesis: head at 0, chunks contiguous inside their own slots, question and answers
+  after them, everything below the target; chunks that cannot fit are refused.
+- ``separate`` and ``shared-prefix`` rows score the same (answer, position, token, label) sets, and
+  the branch mask of our attention equals a dense reference mask.
+- Iteration-1 loss, pref_loss and sft_loss equal a straightforward Hugging Face computation with
+  the same SmolLM2 weights on the same rows (<= 1e-5 relative).
+- TP=2, CP=2, PP=2, DP=2 and ``separate`` packing give the iteration losses of the single-process
+  ``shared-prefix`` run (<= 1e-4 relative over 3 iterations); gradients of the two packings agree.
+- Bad flag combinations fail early, naming the flag.
+"""
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from launch import REPO_ROOT, TINY_MODEL, read_metrics, rel_diff, run, run_from, \
+    save_initial_checkpoint, torchrun
+from megatron_ext.data import position_schemes
+from megatron_ext.data.demo_preference import make_preference_rows
+from megatron_ext.data.preference_samples import (PreferenceRows, branches,
+                                                  layout_length, prompt_positions,
+                                                  separate_sample, shared_prefix_sample)
+from megatron_ext.data.preprocess_preference import data_prefix_for, preprocess_preference
+
+pytest_plugins = ("evaluate_fixtures",)  # smollm2, smollm2_megatron
+
+NUM_REJECTED = 2
+TARGET = 4096
+
+
+@pytest.fixture(scope="module")
+def rows_jsonl(tmp_path_factory):
+    rows = make_preference_rows(num_rows=16, num_chunks=4, chunk_chars=500,
+                                num_rejected=NUM_REJECTED, seed=3)
+    path = tmp_path_factory.mktemp("preference") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path), rows
+
+
+@pytest.fixture(scope="module")
+def pref_data(rows_jsonl, smollm2, tmp_path_factory):
+    """SmolLM2-tokenized preference data: (data prefix, tokenizer folder, longest layouts)."""
+    jsonl, _ = rows_jsonl
+    out = tmp_path_factory.mktemp("preference-data") / "demo"
+    stats = preprocess_preference([jsonl], str(out), "HuggingFaceTokenizer", smollm2["hf"],
+                                  context_chunk_tokens=256, progress=False)
+    assert stats.chat_template and stats.rows == 16
+    prefix = data_prefix_for(str(out))
+    data = PreferenceRows(prefix)
+    longest = {layout: max(layout_length(*data.lengths(r, NUM_REJECTED), layout)
+                           for r in range(len(data)))
+               for layout in ("separate", "shared-prefix")}
+    return prefix, smollm2["hf"], longest
+
+
+def round_up(n, multiple=64):
+    return -(-n // multiple) * multiple
+
+
+# ------------------------------------------------------------------------------------------------
+# Positions and layouts
+# ------------------------------------------------------------------------------------------------
+
+def test_logo_positions_keep_chunks_whole_in_their_slots():
+    rng = np.random.default_rng(0)
+    starts_seen = set()
+    for trial in range(300):
+        chunks = rng.integers(1, 200, size=int(rng.integers(1, 12)))
+        head, question, answer = int(rng.integers(1, 40)), int(rng.integers(1, 60)), \
+            int(rng.integers(1, 100))
+        lengths = [head, *chunks.tolist(), question]
+        target = int(sum(lengths) + answer + rng.integers(0, 20000))
+        slot = (target - head - question - answer) // len(chunks)
+        if chunks.max() > slot:
+            with pytest.raises(ValueError, match="--target-seq-length"):
+                position_schemes.logo(lengths, answer, target, rng)
+            continue
+        ids = position_schemes.logo(lengths, answer, target, np.random.default_rng(trial))
+        assert len(ids) == sum(lengths) and (np.diff(ids) > 0).all()
+        assert ids[:head].tolist() == list(range(head))
+        ends = np.cumsum(lengths)
+        for i, n in enumerate(chunks):
+            piece = ids[ends[i]:ends[i] + n]
+            assert (np.diff(piece) == 1).all(), "a chunk must keep contiguous ids"
+            assert head + i * slot <= piece[0] and piece[-1] < head + (i + 1) * slot
+            starts_seen.add((len(chunks), i, int(piece[0] - head - i * slot)))
+        tail = ids[ends[-2]:]
+        assert tail[0] == ids[ends[-2] - 1] + 1 and (np.diff(tail) == 1).all()
+        assert ids[-1] + answer <= target - 1
+    assert len(starts_seen) > 200, "chunk offsets must be random inside the slots"
+
+
+def test_layouts_score_the_same_answer_tokens(pref_data, rows_jsonl):
+    prefix, hf_dir, longest = pref_data
+    from megatron_ext.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", hf_dir)
+    data = PreferenceRows(prefix)
+    _, source_rows = rows_jsonl
+    for index in range(len(data)):
+        row = data.row(index, NUM_REJECTED)
+        assert len(row.segment_lengths) == 2 + 4 and row.segment_lengths.sum() == len(row.prompt)
+        positions = prompt_positions(row, "logo", TARGET, position_schemes.sample_rng(1, 2, index))
+        per_branch = branches(row, positions)
+        answers = [source_rows[index]["chosen"], *source_rows[index]["rejected"]]
+        for branch, text in zip(per_branch, answers, strict=True):
+            answer = branch["input_ids"][branch["labels"] != -100]
+            assert tokenizer.detokenize(answer).startswith(text)
+            assert branch["position_ids"].max() < TARGET and (np.diff(branch["position_ids"]) > 0).all()
+        scored = []
+        for sample in (separate_sample(row, positions, longest["separate"], 0),
+                       shared_prefix_sample(row, positions, longest["separate"], 0)):
+            keep = sample["score_branch"] >= 0
+            scored.append(sorted(zip(sample["score_branch"][keep], sample["position_ids"][keep],
+                                     sample["tokens"][keep], sample["labels"][keep])))
+            # Every scored label is the next token of its branch.
+            for b, branch in enumerate(per_branch):
+                mine = sample["score_branch"] == b
+                assert mine.sum() == (branch["labels"] != -100).sum()
+        assert scored[0] == scored[1]
+
+
+def test_branch_mask_equals_dense_reference():
+    from megatron_ext.model.cp_attention import context_parallel_attention
+
+    torch.manual_seed(0)
+    s, b, heads, groups, dim = 48, 2, 4, 2, 8
+    docs = torch.zeros(b, s, dtype=torch.long)
+    branch = torch.zeros(b, s, dtype=torch.long)
+    branch[:, 20:30], branch[:, 30:37], branch[:, 37:44] = 1, 2, 3
+    docs[:, 44:] = 1  # padding document
+    branch[1, 10:20] = 1  # a different shape in the second row
+    q = torch.randn(s, b, heads, dim, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(s, b, groups, dim, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(s, b, groups, dim, dtype=torch.float64, requires_grad=True)
+    out = context_parallel_attention(q, k, v, seq_len=s, cp_size=1, cp_rank=0, softmax_scale=0.3,
+                                     query_document_ids=docs, key_document_ids=docs,
+                                     query_branch_ids=branch, key_branch_ids=branch,
+                                     max_block_size=8)
+    i = torch.arange(s)
+    visible = ((i[None, :, None] >= i[None, None, :]) & (docs[:, :, None] == docs[:, None, :])
+               & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
+    kk = k.repeat_interleave(heads // groups, dim=2)
+    vv = v.repeat_interleave(heads // groups, dim=2)
+    scores = torch.einsum("qbhd,kbhd->bhqk", q, kk) * 0.3
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    reference = torch.einsum("bhqk,kbhd->qbhd", scores.softmax(-1), vv).reshape(s, b, heads * dim)
+    assert torch.allclose(out, reference, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-10)
+    # A branch token never sees another branch: perturbing branch 2 leaves branch 1 untouched.
+    v2 = v.detach().clone()
+    v2[30:37] += 1.0
+    moved = context_parallel_attention(q, k, v2, seq_len=s, cp_size=1, cp_rank=0,
+                                       softmax_scale=0.3, query_document_ids=docs,
+                                       key_document_ids=docs, query_branch_ids=branch,
+                                       key_branch_ids=branch, max_block_size=8)
+    for other_branch in (slice(20, 30), slice(37, 44)):
+        assert torch.equal(moved[other_branch, 0], out[other_branch, 0].detach())
+    assert not torch.allclose(moved[30:37, 0], out[30:37, 0].detach())
+    # ... while the shared prefix reaches every branch.
+    v3 = v.detach().clone()
+    v3[5] += 1.0
+    shared = context_parallel_attention(q, k, v3, seq_len=s, cp_size=1, cp_rank=0,
+                                        softmax_scale=0.3, query_document_ids=docs,
+                                        key_document_ids=docs, query_branch_ids=branch,
+                                        key_branch_ids=branch, max_block_size=8)
+    for each_branch in (slice(20, 30), slice(30, 37), slice(37, 44)):
+        assert not torch.allclose(shared[each_branch, 0], out[each_branch, 0].detach())
+    assert torch.equal(shared[44:, 0], out[44:, 0].detach())  # the padding document does not
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss against Hugging Face transformers (same SmolLM2 weights, same rows)
+# ------------------------------------------------------------------------------------------------
+
+def hf_reference_losses(hf_dir, records, beta, gamma, sft_weight):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    totals = {"loss": [], "pref_loss": [], "sft_loss": []}
+    with torch.no_grad():
+        for record in records:
+            means = []
+            for name in ["chosen"] + [f"rejected_{j}" for j in range(1, NUM_REJECTED + 1)]:
+                branch = record[name]
+                ids = torch.tensor([branch["input_ids"]])
+                logits = model(input_ids=ids, position_ids=torch.tensor([branch["position_ids"]])
+                               ).logits[0].double()
+                labels = torch.tensor(branch["labels"][1:])  # logit t-1 predicts token t
+                scored = labels != -100
+                log_probs = logits[:-1].log_softmax(-1)[scored].gather(
+                    1, labels[scored].view(-1, 1))
+                means.append(log_probs.mean())
+            chosen, rejected = means[0], torch.stack(means[1:]).mean()
+            pref = -torch.nn.functional.logsigmoid(beta * (chosen - rejected) - gamma)
+            totals["pref_loss"].append(pref.item())
+            totals["sft_loss"].append(-chosen.item())
+            totals["loss"].append((pref - sft_weight * chosen).item())
+    return {k: float(np.mean(v)) for k, v in totals.items()}
+
+
+@pytest.mark.multiprocess
+def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path):
+    prefix, hf_dir, longest = pref_data
+    seq = round_up(longest["shared-prefix"])
+    flags = [*smollm2_megatron["flags"], "--data-path", prefix, "--tokenizer-type",
+             "HuggingFaceTokenizer", "--tokenizer-model", hf_dir, "--seq-length", str(seq),
+             "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-6",
+             "--position-scheme", "logo", "--target-seq-length", str(TARGET), "--device", "cpu",
+             "--split", "100,0,0", "--beta", "2.5", "--gamma-beta-ratio", "0.1",
+             "--sft-weight", "0.3"]
+    metrics = tmp_path / "metrics.jsonl"
+    torchrun(1, [*flags, "--load", smollm2_megatron["mg"], "--finetune", "--train-iters", "1",
+                 "--metrics-jsonl", str(metrics)], timeout=900)
+    ours = read_metrics(str(metrics))[0]
+    dump = tmp_path / "batches.jsonl"
+    run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *flags, "--num-samples", "2",
+         "--output", dump])
+    records = [json.loads(line) for line in dump.read_text().splitlines()]
+    reference = hf_reference_losses(hf_dir, records, beta=2.5, gamma=0.25, sft_weight=0.3)
+    print("ours", {k: ours[k] for k in ("loss", "pref_loss", "sft_loss")}, "transformers", reference)
+    assert ours["loss_tokens"] == 2  # rows, the loss's denominator
+    assert rel_diff(ours["loss"], reference["loss"]) <= 1e-5
+    assert rel_diff(ours["pref_loss"], reference["pref_loss"]) <= 1e-5
+    assert rel_diff(ours["sft_loss"], reference["sft_loss"]) <= 1e-5
+    # The rows really carry synthesised long positions.
+    assert max(max(r["chosen"]["position_ids"]) for r in records) > 2 * seq
+
+
+# ------------------------------------------------------------------------------------------------
+# Parallel layouts and packings
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(pref_data, tmp_path_factory):
+    prefix, hf_dir, longest = pref_data
+    root = tmp_path_factory.mktemp("preference-runs")
+    args = list(TINY_MODEL)
+    args[args.index("--seq-length") + 1] = str(round_up(longest["separate"]))
+    args += ["--max-position-embeddings",
+             "8192", "--data-path", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
+             "--tokenizer-model", hf_dir, "--position-scheme", "logo", "--split", "100,0,0"]
+    init = save_initial_checkpoint(root, args)
+    return root, init, args
+
+
+LAYOUTS = {
+    "separate": (1, ["--preference-packing", "separate"]),
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "cp2": (2, ["--context-parallel-size", "2"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "dp2": (2, ["--use-distributed-optimizer"]),
+}
+
+
+@pytest.mark.multiprocess
+def test_layouts_and_packings_give_the_same_losses(tiny_run):
+    root, init, args = tiny_run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base = run_from(init, root, "single", 1, [*args, "--tensorboard-dir", str(root / "tb")])
+    assert len(base) == 3 and base[-1]["loss"] < base[0]["loss"]
+    events = EventAccumulator(str(root / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for metric in ("pref_loss", "sft_loss", "rewards/chosen", "rewards/rejected", "margin",
+                   "accuracy"):
+        assert all(np.isfinite(r[metric]) for r in base), metric
+        assert f"train/{metric}" in tags, (metric, sorted(tags))
+    for name, (nproc, extra) in LAYOUTS.items():
+        records = run_from(init, root, name, nproc, [*args, *extra])
+        for ours, ref in zip(records, base, strict=True):
+            assert rel_diff(ours["loss"], ref["loss"]) <= 1e-4, (name, ours["loss"], ref["loss"])
+            assert rel_diff(ours["grad_norm"], ref["grad_norm"]) <= 1e-4, name
+            assert ours["loss_tokens"] == ref["loss_tokens"] == 4
+
+
+@pytest.mark.multiprocess
+def test_shared_prefix_gradients_equal_separate(tiny_run):
+    root, init, args = tiny_run
+    out = root / "grads.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+           "--master-port", str(__import__("launch").free_port()),
+           f"{REPO_ROOT}/tests/preference_grad_worker.py", *args, "--train-iters", "2",
+           "--load", init, "--finetune", str(out)]
+    run(cmd, timeout=600)
+    result = json.loads(out.read_text())
+    print(result)
+    assert result["params_with_grad"] == result["params"]
+    assert rel_diff(result["shared-prefix"]["preference loss"],
+                    result["separate"]["preference loss"]) <= 1e-5
+    assert result["max_rel_grad_diff"] <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+def finalize(argv):
+    from megatron_ext import arguments
+
+    args = arguments.build_parser().parse_args(argv)
+    return arguments.finalize(args, world_size=1)
+
+
+def test_bad_flags_are_refused_early(pref_data, demo_data):
+    from megatron_ext.arguments import ArgumentError
+
+    prefix, hf_dir, longest = pref_data
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "2048", "--max-position-embeddings", "8192", "--data-path", prefix,
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]
+    args = finalize(base)
+    assert args.objective == "preference" and args.preference_loss == "logo"
+    assert (args.beta, args.gamma, args.sft_weight) == (10.0, 3.0, 0.1)
+    assert finalize([*base, "--beta", "2", "--gamma", "0.7"]).gamma == 0.7
+    for extra, message in (
+            (["--preference-loss", "simpo", "--num-rejected", "2"], "--num-rejected 1"),
+            (["--objective", "sft"], "--objective sft"),
+            (["--position-scheme", "longrecipe"], "contiguous or logo"),
+            (["--beta", "0"], "--beta"),
+            (["--packed-documents"], "--packed-documents")):
+        with pytest.raises(ArgumentError, match=re.escape(message)):
+            finalize([*base, *extra])
+    text_prefix, spm = demo_data[0].split()[1], demo_data[1]
+    with pytest.raises(ArgumentError, match="--position-scheme logo"):
+        finalize(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                  "--seq-length", "256", "--data-path", text_prefix, "--tokenizer-type",
+                  "SentencePieceTokenizer", "--tokenizer-model", spm, "--position-scheme", "logo"])
+
+
+def test_rows_that_do_not_fit_are_an_error(pref_data, tmp_path):
+    from megatron_ext.data.tokenizer import build_tokenizer
+    from megatron_ext.data.gpt_data import datasets_from_args
+
+    prefix, hf_dir, longest = pref_data
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", hf_dir)
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--max-position-embeddings", "8192", "--data-path", prefix, "--tokenizer-type",
+            "HuggingFaceTokenizer", "--tokenizer-model", hf_dir, "--split", "100,0,0"]
+    short = finalize([*base, "--seq-length", str(longest["shared-prefix"] - 1)])
+    with pytest.raises(ValueError, match="do not fit --seq-length"):
+        datasets_from_args(short, tokenizer, [4, 0, 0])
+    fits = finalize([*base, "--seq-length", str(longest["shared-prefix"])])
+    assert datasets_from_args(fits, tokenizer, [4, 0, 0])[0] is not None
+    too_many = finalize([*base, "--seq-length", str(longest["separate"]), "--num-rejected", "3"])
+    with pytest.raises(ValueError, match="--num-rejected 3"):
+        datasets_from_args(too_many, tokenizer, [4, 0, 0])
