@@ -8,7 +8,10 @@ tools/preprocess_preference.py and trained with ``megatron_ext.train`` (one proc
 Llama with SmolLM2's 49K vocabulary, LOGO loss, logo positions over 4x the context) once with
 ``--preference-packing separate`` (the context encoded once per answer, as LOGO's released code)
 and once with ``shared-prefix``. Runs alternate (separate, shared, separate, shared) so machine-
-speed changes hit both; we compare the median step time after the first iteration.
+speed changes hit both; we compare the median step time after the first iteration. Both use
+--attention-block-size 512: the separate layout then skips the blocks its document mask hides, so
+it costs about what three unpacked sequences cost (with one block per half sequence, its masked
+cross-answer attention would be computed and thrown away, flattering shared-prefix).
 
 Logit memory: the peak resident memory of the logit computation alone (output layer + log-softmax
 + backward, in a fresh process each) for our answer positions only vs full-vocabulary logits on
@@ -59,13 +62,14 @@ def make_rows(hf_dir: str, context: int, answer: int, num_rows: int, path: str) 
 
 
 def train(prefix: str, hf_dir: str, layout: str, seq_length: int, target: int, iters: int,
-          work: str, tag: str) -> float:
+          block: int, work: str, tag: str) -> float:
     metrics = os.path.join(work, f"{tag}.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
            "--master-port", str(20000 + os.getpid() % 20000), "-m", "megatron_ext.train",
            *MODEL, "--seq-length", str(seq_length), "--max-position-embeddings", str(target),
            "--position-scheme", "logo", "--target-seq-length", str(target),
-           "--preference-packing", layout, "--micro-batch-size", "1", "--global-batch-size", "1",
+           "--preference-packing", layout, "--attention-block-size", str(block),
+           "--micro-batch-size", "1", "--global-batch-size", "1",
            "--train-iters", str(iters), "--lr", "1e-5", "--data-path", prefix,
            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir,
            "--split", "100,0,0", "--metrics-jsonl", metrics, "--device", "cpu",
@@ -106,6 +110,9 @@ def main() -> None:
     p.add_argument("--answer", type=int, default=256)
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--attention-block-size", type=int, default=512,
+                   help="both runs: blocks this small let the separate layout skip the masked "
+                        "cross-answer blocks, so it costs about what 3 unpacked sequences cost")
     args = p.parse_args()
 
     from megatron_ext.data.preference_samples import PreferenceRows, layout_length
@@ -132,8 +139,8 @@ def main() -> None:
         times = {"separate": [], "shared-prefix": []}
         for repeat in range(args.repeats):
             for layout in times:
-                step = train(prefix, hf_dir, layout, seq[layout], target, args.iters, work,
-                             f"{layout}-{repeat}")
+                step = train(prefix, hf_dir, layout, seq[layout], target, args.iters,
+                             args.attention_block_size, work, f"{layout}-{repeat}")
                 times[layout].append(step)
                 print(f"  {layout:14s} run {repeat}: {step:.3f} s/step", flush=True)
         separate, shared = (statistics.median(times[k]) for k in ("separate", "shared-prefix"))

@@ -29,15 +29,16 @@ SEQ_LENGTH=${SEQ_LENGTH:-2048}
 TARGET_SEQ_LENGTH=${TARGET_SEQ_LENGTH:-8192}
 POSITION_SCHEME=${POSITION_SCHEME:-logo}       # logo | contiguous
 PACKING=${PACKING:-shared-prefix}              # shared-prefix | separate
+ATTENTION_BLOCK_SIZE=${ATTENTION_BLOCK_SIZE:-512}  # smaller score tiles; skips masked blocks
 PREFERENCE_LOSS=${PREFERENCE_LOSS:-logo}       # logo | simpo
 BETA=${BETA:-10}
 GAMMA_BETA_RATIO=${GAMMA_BETA_RATIO:-0.3}
 SFT_WEIGHT=${SFT_WEIGHT:-0.1}
 CONTEXT_CHUNK_TOKENS=${CONTEXT_CHUNK_TOKENS:-256}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
-GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-4}
-TRAIN_ITERS=${TRAIN_ITERS:-8}
-LR=${LR:-1e-5}
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-2}
+TRAIN_ITERS=${TRAIN_ITERS:-4}
+LR=${LR:-1e-6}
 PRECISION=${PRECISION:-fp32}
 DEMO_ROWS=${DEMO_ROWS:-48}
 
@@ -62,7 +63,8 @@ dtype=fp32
 [[ "$PRECISION" == "bf16" ]] && dtype=bf16
 $PYTHON tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF_MODEL" \
     --megatron-dir "$OUTPUT_DIR/base" --dtype "$dtype"
-read -r -a model_args < "$OUTPUT_DIR/base/megatron_args.txt"
+# shellcheck disable=SC2207  # the model's flags, one "--flag value" per line
+model_args=( $(cat "$OUTPUT_DIR/base/megatron_args.txt") )
 
 echo "== 3/4 LOGO training"
 precision_flags=()
@@ -71,7 +73,7 @@ rm -rf "$OUTPUT_DIR/checkpoints"
 $PYTHON -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29510}" \
     -m megatron_ext.train "${model_args[@]}" \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
-    --context-parallel-size "$CP" --attention-backend torch \
+    --context-parallel-size "$CP" --attention-backend torch --attention-block-size "$ATTENTION_BLOCK_SIZE" \
     --seq-length "$SEQ_LENGTH" --position-scheme "$POSITION_SCHEME" \
     --target-seq-length "$TARGET_SEQ_LENGTH" --preference-packing "$PACKING" \
     --preference-loss "$PREFERENCE_LOSS" --beta "$BETA" --gamma-beta-ratio "$GAMMA_BETA_RATIO" \

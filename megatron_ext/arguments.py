@@ -71,6 +71,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="core attention: 'te' = Transformer Engine's DotProductAttention (its own "
                         "context parallelism); 'torch' = ours (CPU and GPUs without TE; blockwise, "
                         "document masks); auto = te with the Transformer Engine spec, else torch")
+    g.add_argument("--attention-block-size", type=int, default=None,
+                   help="torch attention backend: tokens per attention block (default: one "
+                        "context-parallel chunk, seq-length / (2 x CP)). Smaller blocks hold "
+                        "smaller score tiles and skip more of what document / branch masks hide")
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -270,6 +274,8 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.seq_length > args.max_position_embeddings:
         raise ArgumentError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
                             f"({args.max_position_embeddings})")
+    if args.attention_block_size is not None and args.attention_block_size < 1:
+        raise ArgumentError(f"--attention-block-size must be >= 1, got {args.attention_block_size}")
     _resolve_objective(args)
     args.packed_documents = (args.packed_documents or args.reset_attention_mask
                              or args.objective == "sft")

@@ -257,12 +257,12 @@ class PreferenceDataset:
         if needed.max() > config.seq_length:
             worst = int(self.rows[np.argmax(needed)])
             too_long = int((needed > config.seq_length).sum())
+            shared = ", use --preference-packing shared-prefix" if config.layout == "separate" else ""
             raise ValueError(
                 f"{too_long} of {len(self.rows)} {split_name} rows of {self.data.prefix} do not fit "
                 f"--seq-length {config.seq_length} in the {config.layout} layout (row {worst} needs "
-                f"{int(needed.max())} tokens); raise --seq-length, use --preference-packing "
-                f"shared-prefix, or preprocess with a smaller --max-answer-tokens / "
-                f"--max-prompt-tokens")
+                f"{int(needed.max())} tokens); raise --seq-length{shared}, or preprocess with a "
+                f"smaller --max-answer-tokens / --max-prompt-tokens")
 
     def __len__(self) -> int:
         return self.num_samples

@@ -113,7 +113,9 @@ def layer_spec(args: argparse.Namespace, on_cpu: bool) -> ModuleSpec:
         spec = get_gpt_layer_local_spec(normalization=args.normalization)
     if attention_backend(args, on_cpu) == "torch":
         # Our core attention: context parallelism without TE, document masks, no S x S scores.
-        spec.submodules.self_attention.submodules.core_attention = TorchContextParallelAttention
+        spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+            module=TorchContextParallelAttention,
+            params={"max_block_size": getattr(args, "attention_block_size", None)})
     return spec
 
 
