@@ -240,7 +240,9 @@ class PreferenceDataset:
                  config: PreferenceConfig, split_name: str):
         self.data, self.rows, self.config = data, np.asarray(rows, dtype=np.int64), config
         self.num_samples = int(num_samples)
-        self.stream = zlib.crc32(f"{data.prefix}:{split_name}".encode())
+        # Keyed by what the split holds, not where the files live: a copied dataset reshuffles
+        # and places positions the same way.
+        self.stream = zlib.crc32(f"{split_name}:{self.rows[:1].tolist()}:{len(self.rows)}".encode())
         if len(self.rows) == 0:
             raise ValueError(f"the {split_name} split of {data.prefix} has no rows")
         self._check_rows(split_name)
