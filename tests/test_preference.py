@@ -377,3 +377,19 @@ def test_resume_continues_the_preference_run_exactly(tiny_run):
     assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
     for ours, ref in zip(resumed, full, strict=True):
         assert ours["loss"] == ref["loss"] and ours["grad_norm"] == ref["grad_norm"], ours
+
+
+@pytest.mark.gpu
+@pytest.mark.multiprocess
+def test_preference_step_on_gpu_matches_cpu(tiny_run):
+    """CUDA + NCCL, fp32, our attention with branch masks: the first loss equals the CPU run's."""
+    root, init, args = tiny_run
+    gpu = list(args)
+    gpu[gpu.index("--device") + 1] = "cuda"
+    first = {}
+    for name, flags in (("cpu", args), ("gpu", [*gpu, "--transformer-impl", "local"])):
+        first[name] = run_from(init, root, f"{name}-first", 1,
+                               [*flags, "--lr-warmup-iters", "0", "--attention-block-size", "256"],
+                               iters=1)[0]
+    assert rel_diff(first["gpu"]["loss"], first["cpu"]["loss"]) <= 1e-4
+    assert first["gpu"]["loss_tokens"] == first["cpu"]["loss_tokens"] == 4
