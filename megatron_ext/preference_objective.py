@@ -6,8 +6,8 @@ sequence, separate or shared-prefix). Per micro-batch:
 1. every rank reads the whole micro-batch, counts the scored tokens of each answer (the
    length normalisation needs whole answers) and keeps its context-parallel slice;
 2. the model runs with document / branch masks, and on the last pipeline stage only the scored
-   positions reach the output layer: a forward hook trims the decoder output to them, so logits
-   exist for answer tokens only (never [sequence x vocabulary]);
+   positions reach the output layer (``model/output_rows.py``), so logits exist for answer
+   tokens only (never [sequence x vocabulary]);
 3. the label log-probs come from Megatron's vocab-parallel cross entropy; per-answer sums are
    added over CP; ``preference_loss`` turns them into per-row losses.
 
@@ -20,46 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_ext.data.context_parallel import slice_for_cp
 from megatron_ext.model.cp_attention import DocumentMaskParams
+from megatron_ext.model.output_rows import OutputRows
 from megatron_ext.preference_loss import (METRICS, PreferenceLossConfig, answer_log_prob_sums,
                                           preference_losses)
 
 LOSS_KEY = "preference loss"
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
-class ScoredRowsOnly:
-    """Forward hook on the last stage's decoder: keeps only the rows the loss scores.
-
-    The decoder output is [s, b, h]; ``rows`` index its flattening to [s * b, h]. The output
-    layer then sees [n, 1, h] and the model returns logits [1, n, V / TP].
-    """
-
-    def __init__(self):
-        self.rows: Optional[torch.Tensor] = None
-        self._hooked = set()
-
-    def attach(self, model: torch.nn.Module) -> None:
-        gpt = unwrap(model)
-        if id(gpt) not in self._hooked and parallel_state.is_pipeline_last_stage():
-            gpt.decoder.register_forward_hook(self._trim)
-            self._hooked.add(id(gpt))
-
-    def _trim(self, module, inputs, output):
-        if self.rows is None:
-            return output
-        return output.reshape(-1, 1, output.shape[-1]).index_select(0, self.rows)
 
 
 @dataclasses.dataclass
@@ -71,7 +43,7 @@ class PreferenceObjective:
 
     def __post_init__(self):
         self.num_branches = self.loss_config.num_rejected + 1
-        self.scored_rows = ScoredRowsOnly()
+        self.output_rows = OutputRows()
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -95,12 +67,8 @@ class PreferenceObjective:
                   "counts": counts.to(self.device)}
         masks = DocumentMaskParams.for_tokens(local["document_ids"], seq_length,
                                               branch_ids=local["branch_ids"])
-        self.scored_rows.attach(model)
-        self.scored_rows.rows = rows
-        try:
+        with self.output_rows.only(model, rows):
             output = model(local["tokens"], local["position_ids"], None, packed_seq_params=masks)
-        finally:
-            self.scored_rows.rows = None
         return output, functools.partial(self.loss, scored, batch_size)
 
     def loss(self, scored: Dict[str, torch.Tensor], batch_size: int, logits: torch.Tensor):

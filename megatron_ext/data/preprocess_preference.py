@@ -29,7 +29,7 @@ import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
 from megatron_ext.data import token_flags
@@ -209,18 +209,16 @@ def preprocess_preference(
 
 def read_preference_rows(data_prefix: str) -> List[Dict[str, object]]:
     """Every row of a preference dataset, as written (for inspection and tests):
-    {"prompt", "segments", "chosen", "rejected"} with numpy token arrays."""
-    tokens = IndexedDataset(data_prefix)
-    flags = IndexedDataset(token_flags.flags_prefix(data_prefix))
-    bounds = tokens.document_indices
+    {"prompt", "segments", "chosen", "rejected"} with numpy token arrays, read the way training
+    reads them (``PreferenceRows``)."""
+    from megatron_ext.data.preference_samples import PreferenceRows
+
+    data = PreferenceRows(data_prefix)
     rows = []
-    for first, end in zip(bounds[:-1], bounds[1:]):
-        # Copies: the dataset's arrays are views of an mmap that closes with it.
-        sequences = [np.array(tokens[int(i)]) for i in range(first, end)]
-        prompt_flags = np.array(flags[int(first)])
-        cuts = np.flatnonzero(prompt_flags & token_flags.SEGMENT_END) + 1
-        rows.append({"prompt": sequences[0],
-                     "segments": np.split(sequences[0], cuts[:-1]),
-                     "chosen": sequences[1],
-                     "rejected": sequences[2:]})
+    for index, answers in enumerate(data.answers_per_row()):
+        row = data.row(index, num_rejected=int(answers) - 1)
+        rows.append({"prompt": row.prompt,
+                     "segments": np.split(row.prompt, np.cumsum(row.segment_lengths)[:-1]),
+                     "chosen": row.answers[0],
+                     "rejected": row.answers[1:]})
     return rows

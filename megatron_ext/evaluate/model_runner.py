@@ -19,14 +19,13 @@ How the layout is handled:
   entropy; the argmax is each rank's local (max, index) followed by a gather of two numbers per
   position, never the full vocabulary.
 
-For answers, only the answer positions reach the output layer (a forward hook trims the decoder
-output): at 64K tokens, logits for every position would be tens of GB for a 150K vocabulary.
+For answers, only the answer positions reach the output layer (``model/output_rows.py``): at 64K
+tokens, logits for every position would be tens of GB for a 150K vocabulary.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,15 +35,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import checkpointing
 from megatron_ext.data.context_parallel import cp_token_indices, merge_cp_slices, slice_for_cp
+from megatron_ext.model.output_rows import OutputRows, unwrap
 
 Progress = Optional[Callable[[int], None]]
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def load_model(args: argparse.Namespace, device: torch.device, on_cpu: bool) -> torch.nn.Module:
@@ -96,7 +89,7 @@ class ModelRunner:
         self.model = unwrap(model)
         self.device = device
         self.vocab_limit = int(vocab_limit)
-        self._keep: Optional[torch.Tensor] = None  # decoder rows the output layer sees
+        self._output_rows = OutputRows()
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -124,28 +117,12 @@ class ModelRunner:
         cp, cp_rank = self._cp()
         batch = {k: v.to(self.device) for k, v in slice_for_cp(batch, cp, cp_rank).items()}
         if answer_start is None:
-            self._keep = None
             return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]), None
         # Positions answer_start - 1 .. length - 2 predict the answer tokens.
         held = cp_token_indices(length, cp, cp_rank)
-        self._keep = torch.nonzero((held >= answer_start - 1) & (held <= length - 2)).view(-1) \
-            .to(self.device)
-        return model(batch["tokens"], batch["position_ids"], None), None
-
-    def _trim_decoder_output(self, module, inputs, output):
-        return output if self._keep is None else output.index_select(0, self._keep)
-
-    @contextlib.contextmanager
-    def _answer_positions_only(self):
-        hook = None
-        if parallel_state.is_pipeline_last_stage():
-            hook = self.model.decoder.register_forward_hook(self._trim_decoder_output)
-        try:
-            yield
-        finally:
-            self._keep = None
-            if hook is not None:
-                hook.remove()
+        keep = torch.nonzero((held >= answer_start - 1) & (held <= length - 2)).view(-1)
+        with self._output_rows.only(model, keep.to(self.device)):
+            return model(batch["tokens"], batch["position_ids"], None), None
 
     def _schedule(self, items: List[dict], length: int) -> List[torch.Tensor]:
         """Model outputs of ``items`` (on the last pipeline stage; empty elsewhere)."""
@@ -241,8 +218,7 @@ class ModelRunner:
             if not 1 <= start < len(sequence):
                 raise ValueError(f"answer start {start} outside a sequence of {len(sequence)}")
             items.append({"tokens": sequence, "answer_start": int(start)})
-        with self._answer_positions_only():
-            return self._run(items, finish, progress)
+        return self._run(items, finish, progress)
 
 
 def _from_last_stage(results: list) -> list:

@@ -112,8 +112,9 @@ def _tokenizer_and_corpus(args: argparse.Namespace):
 
 def run_during_training(model, args: argparse.Namespace, iteration: int, writer) -> Dict[str, float]:
     """Run --eval-tasks on ``model`` (train.py's list of model chunks, or one module)."""
-    from megatron_ext.evaluate.model_runner import ModelRunner, unwrap
+    from megatron_ext.evaluate.model_runner import ModelRunner
     from megatron_ext.evaluate.tasks import run_tasks
+    from megatron_ext.model.output_rows import unwrap
 
     config = eval_config(args)
     if config is None:
