@@ -29,6 +29,8 @@ SEQ_LENGTH=${SEQ_LENGTH:-2048}
 TARGET_SEQ_LENGTH=${TARGET_SEQ_LENGTH:-8192}
 POSITION_SCHEME=${POSITION_SCHEME:-logo}       # logo | contiguous
 PACKING=${PACKING:-shared-prefix}              # shared-prefix | separate
+# flex (fused) on GPUs, blockwise on CPU; the block size applies to blockwise only.
+ATTENTION_BACKEND=${ATTENTION_BACKEND:-auto}
 ATTENTION_BLOCK_SIZE=${ATTENTION_BLOCK_SIZE:-512}  # smaller score tiles; skips masked blocks
 PREFERENCE_LOSS=${PREFERENCE_LOSS:-logo}       # logo | simpo
 BETA=${BETA:-10}
@@ -69,11 +71,16 @@ model_args=( $(cat "$OUTPUT_DIR/base/megatron_args.txt") )
 echo "== 3/4 LOGO training"
 precision_flags=()
 [[ "$PRECISION" == "bf16" ]] && precision_flags=(--bf16)
+if [[ "$ATTENTION_BACKEND" == "auto" ]]; then
+    ATTENTION_BACKEND=$($PYTHON -c "import torch; print('flex' if torch.cuda.is_available() else 'blockwise')")
+fi
+attention_flags=(--attention-backend "$ATTENTION_BACKEND")
+[[ "$ATTENTION_BACKEND" == "blockwise" ]] && attention_flags+=(--attention-block-size "$ATTENTION_BLOCK_SIZE")
 rm -rf "$OUTPUT_DIR/checkpoints"
 $PYTHON -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29510}" \
     -m megatron_ext.train "${model_args[@]}" \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
-    --context-parallel-size "$CP" --attention-backend torch --attention-block-size "$ATTENTION_BLOCK_SIZE" \
+    --context-parallel-size "$CP" "${attention_flags[@]}" \
     --seq-length "$SEQ_LENGTH" --position-scheme "$POSITION_SCHEME" \
     --target-seq-length "$TARGET_SEQ_LENGTH" --preference-packing "$PACKING" \
     --preference-loss "$PREFERENCE_LOSS" --beta "$BETA" --gamma-beta-ratio "$GAMMA_BETA_RATIO" \

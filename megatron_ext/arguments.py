@@ -10,6 +10,9 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megatron_ext.errors import ArgumentError
+from megatron_ext.model import attention_backends
+
 
 def build_parser(prog: str = "megatron_ext.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
@@ -67,14 +70,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"],
                    default="auto", help="auto: Transformer Engine on GPU when importable")
-    g.add_argument("--attention-backend", choices=["auto", "te", "torch"], default="auto",
-                   help="core attention: 'te' = Transformer Engine's DotProductAttention (its own "
-                        "context parallelism); 'torch' = ours (CPU and GPUs without TE; blockwise, "
-                        "document masks); auto = te with the Transformer Engine spec, else torch")
+    g.add_argument("--attention-backend", choices=list(attention_backends.BACKEND_CHOICES),
+                   default="auto",
+                   help="core attention, one semantics (causal by global index, documents, "
+                        "shared-prefix branches) on three engines: 'flex' = FlexAttention under "
+                        "torch.compile (fused, block-sparse; forward-only on CPU); 'blockwise' = "
+                        "plain torch (CPU training, the reference; 'torch' is its former name); "
+                        "'te' = Transformer Engine's DotProductAttention (plain causal only, its "
+                        "own CP exchanges). auto = flex on CUDA, blockwise on CPU (never te)")
     g.add_argument("--attention-block-size", type=int, default=None,
-                   help="torch attention backend: tokens per attention block (default: one "
-                        "context-parallel chunk, seq-length / (2 x CP)). Smaller blocks hold "
-                        "smaller score tiles and skip more of what document / branch masks hide")
+                   help="blockwise backend: tokens per attention block (default: 1024, or one "
+                        "context-parallel chunk, seq-length / (2 x CP), when smaller). Smaller "
+                        "blocks hold smaller score tiles and skip more of what document / branch "
+                        "masks hide")
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -83,8 +91,14 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--cp-comm-type", choices=["p2p", "a2a", "allgather", "a2a+p2p"], default="p2p",
-                   help="Transformer Engine's context-parallel exchange (--attention-backend te)")
+    g.add_argument("--cp-comm-type", choices=list(attention_backends.CP_COMM_CHOICES),
+                   default=None,
+                   help="context-parallel exchange. --attention-backend te: Transformer Engine's "
+                        "p2p (default), a2a, all_gather or a2a+p2p ('allgather' is read as "
+                        "all_gather); flex and blockwise always all-gather keys and values")
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
+                   help="--cp-comm-type a2a+p2p: the a2a group size, then the p2p group size "
+                        "(their product is --context-parallel-size)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="default: cuda when available, else cpu (gloo)")
@@ -213,10 +227,6 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
                         "exit (e.g. a checkpoint at a longer --seq-length)")
 
 
-class ArgumentError(ValueError):
-    """An invalid combination of flags; the message names the flags and the fix."""
-
-
 def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived defaults and validate; raises ArgumentError naming the offending flag."""
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -280,6 +290,10 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.packed_documents = (args.packed_documents or args.reset_attention_mask
                              or args.objective == "sft")
     _validate_position_args(args)
+    # Checked now, before any process group, data or model exists; the builder plans again with
+    # the platform it really runs on and gets the same answer.
+    attention_backends.plan_attention(args, on_cpu=device_is_cpu(args),
+                                      training=not args.skip_train)
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # Megatron-LM does the same: SP needs TP > 1.
 
@@ -307,6 +321,16 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.skip_train and args.eval_iters <= 0:
         raise ArgumentError("--skip-train evaluates the validation split: give --eval-iters > 0")
     return args
+
+
+def device_is_cpu(args: argparse.Namespace) -> bool:
+    """Whether this run will be on CPU (``--device``, ``MEGATRON_EXT_DEVICE``, else CUDA if any)."""
+    from megatron_ext import platform
+
+    try:
+        return platform.detect(getattr(args, "device", None)).is_cpu
+    except (RuntimeError, ValueError) as err:
+        raise ArgumentError(str(err)) from None
 
 
 def _data_kinds(args: argparse.Namespace) -> set:

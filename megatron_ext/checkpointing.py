@@ -210,6 +210,37 @@ def check_architecture(checkpoint_dir: str, args: argparse.Namespace) -> None:
                               f"({'; '.join(mismatched)}); set {flags} to match the checkpoint")
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def drop_absent_extra_states(model_sd: dict, ckpt_dir: str) -> set:
+    """Remove from ``model_sd`` the ``*._extra_state`` entries the checkpoint does not hold.
+
+    Transformer Engine modules keep FP8 scaling metadata as ``_extra_state``; a checkpoint written
+    with the local spec (CPU training, the converter) has none for modules that only TE's spec
+    has (its core attention, for one). Those start from TE's defaults. Returns the dropped keys.
+    """
+    extra = [k for k in model_sd if k.endswith(EXTRA_STATE_SUFFIX)]
+    if not extra:
+        return set()
+    saved = dist_checkpointing.serialization.load_sharded_metadata(ckpt_dir)
+    absent = {k for k in extra if getattr(model_sd[k], "key", k) not in saved}
+    for key in absent:
+        del model_sd[key]
+    return absent
+
+
+def load_model_state(module: torch.nn.Module, state: dict, absent_extra: set,
+                     ckpt_dir: str) -> None:
+    """``load_state_dict`` that tolerates exactly the absent extra states and nothing else."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in absent_extra]
+    if missing or unexpected:
+        raise CheckpointError(f"--load {ckpt_dir} does not fit this model: missing "
+                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                              f"{list(unexpected)[:5]}")
+
+
 def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, args: argparse.Namespace
          ) -> Tuple[int, int]:
     """Restore from the latest checkpoint under ``root``; returns (iteration, consumed_samples).
@@ -229,6 +260,7 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, args: ar
     same_layout = common.get("layout") == _layout()
 
     model_sd = _unwrap(model[0]).sharded_state_dict()
+    absent_extra = drop_absent_extra_states(model_sd, ckpt_dir)
     request = {"model": model_sd}
     load_optim = full_resume and not args.no_load_optim and "optimizer" in common
     if load_optim:
@@ -238,7 +270,7 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, args: ar
         request["rng_state"] = _rng_sharded_object()
     state = dist_checkpointing.load(request, ckpt_dir)
 
-    _unwrap(model[0]).load_state_dict(state["model"], strict=True)
+    load_model_state(_unwrap(model[0]), state["model"], absent_extra, ckpt_dir)
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])
     if load_rng:

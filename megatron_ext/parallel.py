@@ -13,7 +13,7 @@ import datetime
 import os
 import re
 import socket
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -91,8 +91,13 @@ def initialize(
     cp: int = 1,
     device: Optional[str] = None,
     timeout_minutes: int = 30,
+    hierarchical_cp_sizes: Optional[Sequence[int]] = None,
 ) -> tuple[LaunchInfo, platform_mod.Platform]:
-    """Initialise torch.distributed and Megatron-Core's TP/PP/CP/DP groups."""
+    """Initialise torch.distributed and Megatron-Core's TP/PP/CP/DP groups.
+
+    ``hierarchical_cp_sizes``: Transformer Engine's a2a+p2p exchange needs Megatron's
+    hierarchical context-parallel groups (a2a size, p2p size); without them TE gets no CP group.
+    """
     info = launch_info()
     check_layout(info.world_size, tp, pp, cp)
     plat = platform_mod.activate(platform_mod.detect(device), info.local_rank)
@@ -108,6 +113,8 @@ def initialize(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        hierarchical_context_parallel_sizes=list(hierarchical_cp_sizes) if hierarchical_cp_sizes
+        else None,
     )
     return info, plat
 

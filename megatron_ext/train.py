@@ -30,6 +30,7 @@ from megatron_ext.evaluate import training_hook
 from megatron_ext.losses import masked_token_loss, reduce_reports
 from megatron_ext.metrics import MetricsWriter
 from megatron_ext.model import build_model, transformer_config
+from megatron_ext.model.attention_backends import describe_what_ran, plan_attention, what_ran
 from megatron_ext.model.cp_attention import DocumentMaskParams
 
 
@@ -87,7 +88,8 @@ def set_seeds(seed: int) -> None:
 
 def build_model_and_optimizer(args, device, on_cpu: bool):
     config = transformer_config(args, on_cpu)
-    module = build_model(args, config, on_cpu, args.padded_vocab_size).to(device)
+    plan = plan_attention(args, on_cpu, training=not args.skip_train)
+    module = build_model(args, config, on_cpu, args.padded_vocab_size, plan).to(device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -169,14 +171,10 @@ def setup(args: argparse.Namespace, plat) -> TrainingSetup:
 def build_objective(args: argparse.Namespace, device: torch.device, on_cpu: bool):
     if args.objective != "preference":
         return LanguageModelingObjective(device)
-    from megatron_ext.model.builder import attention_backend
     from megatron_ext.preference_loss import PreferenceLossConfig
     from megatron_ext.preference_objective import PreferenceObjective
 
-    if attention_backend(args, on_cpu) != "torch":
-        raise ValueError("preference training keeps its answers apart with document / branch "
-                         "masks, which the torch attention backend implements: pass "
-                         "--attention-backend torch")
+    # Branch masks: flex and blockwise implement them; te is refused by plan_attention.
     return PreferenceObjective(device, PreferenceLossConfig.from_args(args))
 
 
@@ -320,15 +318,19 @@ def _run(args: argparse.Namespace) -> int:
     info, plat = parallel.initialize(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
         args.context_parallel_size, device=args.device,
-        timeout_minutes=args.distributed_timeout_minutes)
+        timeout_minutes=args.distributed_timeout_minutes,
+        hierarchical_cp_sizes=args.hierarchical_context_parallel_sizes)
     try:
         s = setup(args, plat)
         writer = MetricsWriter(parallel.is_rank0(), args.metrics_jsonl, args.tensorboard_dir)
+        ran = what_ran(s.model[0], plat.device_type, args.context_parallel_size)
         writer.log(f" megatron_ext: {info.world_size} ranks on {plat.device_type}/{plat.backend} | "
                    f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
                    f"CP={args.context_parallel_size} DP={args.data_parallel_size} | "
                    f"{sum(p.numel() for p in s.model[0].parameters())} parameters on rank 0 | "
                    f"starting at iteration {s.iteration}")
+        writer.log(" " + describe_what_ran(ran))
+        writer.record({"kind": "run", "iteration": s.iteration, **ran}, s.iteration, prefix="run")
         if args.skip_train:
             result = evaluate(s)
             writer.log(f" evaluation only | {s.objective.loss_key}: {result['loss']:.6E} | "

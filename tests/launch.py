@@ -70,7 +70,7 @@ def run_from(init: str, root, name: str, nproc: int, args: Sequence[str], iters:
 
 def read_metrics(path: str) -> List[dict]:
     """The per-iteration training records of a --metrics-jsonl file."""
-    return [r for r in read_metrics_file(path) if r.get("kind") != "eval"]
+    return [r for r in read_metrics_file(path) if "kind" not in r]
 
 
 def read_metrics_file(path: str) -> List[dict]:

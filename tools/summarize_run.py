@@ -10,11 +10,17 @@ def summarize(run_dir: str) -> str:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(metrics_path):
         return f"no metrics at {metrics_path}"
-    train, evals = [], []
+    train, evals, runs = [], [], []
     with open(metrics_path) as f:
         for line in f:
             record = json.loads(line)
-            (evals if record.get("kind") == "eval" else train).append(record)
+            kind = record.get("kind")
+            if kind is None:
+                train.append(record)
+            elif kind == "eval":
+                evals.append(record)
+            elif kind == "run":  # what ran: layer spec, attention backend, dtype, CP exchange
+                runs.append(record)
     if not train:
         return f"{metrics_path} holds no training iterations"
     first, last = train[0], train[-1]
@@ -26,6 +32,11 @@ def summarize(run_dir: str) -> str:
         f"tokens: {last['tokens']:,}  time: {last['elapsed_s']:.1f}s",
         f"loss: first {first['loss']:.4f} -> last {last['loss']:.4f}",
     ]
+    if runs:
+        ran = runs[-1]
+        lines.append(f"ran: {ran.get('device')} | layer spec {ran.get('layer_spec')} | attention "
+                     f"{ran.get('attention_backend')} | params {ran.get('params_dtype')} | CP "
+                     f"exchange {ran.get('cp_comm_type') or 'none'}")
     if rates:
         lines.append(f"throughput: {sorted(rates)[len(rates) // 2]:.0f} tokens/s (median)")
     for record in evals:

@@ -19,6 +19,7 @@ import time
 from typing import List, Optional, Sequence
 
 from megatron_ext import arguments, checkpointing
+from megatron_ext.model import attention_backends
 from megatron_ext.evaluate.corpus import CorpusError
 from megatron_ext.evaluate.tasks import DEFAULT_DEPTHS, TASKS, EvalConfig
 
@@ -138,6 +139,9 @@ def finalize(args: argparse.Namespace, world_size: int) -> EvalConfig:
                 f"--lengths {length} is not divisible by 2 x --context-parallel-size = {2 * cp} "
                 f"(the load-balanced context-parallel layout); pick multiples of {2 * cp}")
     args.seq_length = max(lengths)
+    # Forward passes only: flex may run on CPU here. Checked before any process group exists.
+    attention_backends.plan_attention(args, on_cpu=arguments.device_is_cpu(args), training=False,
+                                      seq_lengths=lengths)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:
@@ -221,6 +225,7 @@ def evaluate(args: argparse.Namespace, config: EvalConfig) -> int:
                        "dp": parallel_state.get_data_parallel_world_size()},
             "device": plat.device_type,
             "dtype": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "ran": attention_backends.what_ran(model, plat.device_type, args.context_parallel_size),
             "model": checkpointing.architecture_of(args),
             "seconds": round(time.perf_counter() - start, 2),
         }

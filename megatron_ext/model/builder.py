@@ -1,13 +1,15 @@
 """A Llama-family Megatron-Core GPTModel: RMSNorm, SwiGLU, RoPE, GQA, optional QKV bias (Qwen2).
 
-Layer spec: Transformer Engine's on a GPU when TE imports (fused kernels), Megatron-Core's local
-spec otherwise (CPU, or GPUs without TE). Both build the same parameters, so checkpoints move
-between them.
+Layer spec: Transformer Engine's on a GPU when TE works (fused linear + norm kernels),
+Megatron-Core's local spec otherwise (CPU, or GPUs without TE). Both build the same parameters, so
+checkpoints move between them. Core attention is chosen separately (``attention_backends``):
+flex, blockwise or TE's own, plugged into either spec's ``core_attention`` submodule.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,14 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_ext.model.attention_backends import (
+    CP_COMM_ALIASES,
+    TE_SPEC,
+    AttentionPlan,
+    plan_attention,
+)
 from megatron_ext.model.cp_attention import TorchContextParallelAttention
+from megatron_ext.model.flex_attention import FlexContextParallelAttention
 from megatron_ext.model.rotary import PositionIdsGPTModel
 
 
@@ -55,7 +64,8 @@ def transformer_config(args: argparse.Namespace, on_cpu: bool) -> TransformerCon
         pipeline_dtype=dtype,
         bf16=args.bf16,
         fp16=args.fp16,
-        cp_comm_type=args.cp_comm_type,
+        # TE's name (Megatron-LM's "allgather" spelling translated); our backends all-gather.
+        cp_comm_type=CP_COMM_ALIASES.get(args.cp_comm_type, args.cp_comm_type) or "p2p",
         # Initialise full weights on CPU and slice them, so TP ranks hold pieces of one model.
         use_cpu_initialization=True,
         perform_initialization=True,
@@ -70,57 +80,39 @@ def transformer_config(args: argparse.Namespace, on_cpu: bool) -> TransformerCon
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        persist_layer_norm=not on_cpu,
+        # Apex's persistent LayerNorm kernel. The local spec's torch norms assert it is off, and
+        # TE's norms do not read it: on, every local-spec GPU run failed at start-up.
+        persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
 
 
-def _te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def use_transformer_engine(args: argparse.Namespace, on_cpu: bool) -> bool:
-    if args.transformer_impl == "transformer_engine":
-        if on_cpu or not _te_available():
-            raise RuntimeError("--transformer-impl transformer_engine needs a GPU and an importable "
-                               "transformer_engine; use --transformer-impl local")
-        return True
-    return args.transformer_impl == "auto" and not on_cpu and _te_available()
-
-
-def attention_backend(args: argparse.Namespace, on_cpu: bool) -> str:
-    """'te' or 'torch' (see --attention-backend)."""
-    with_te = use_transformer_engine(args, on_cpu)
-    if args.attention_backend == "te" and not with_te:
-        raise RuntimeError("--attention-backend te needs the Transformer Engine layer spec (a GPU "
-                           "with transformer_engine importable); use --attention-backend torch")
-    if args.attention_backend == "auto":
-        return "te" if with_te else "torch"
-    return args.attention_backend
-
-
-def layer_spec(args: argparse.Namespace, on_cpu: bool) -> ModuleSpec:
-    if use_transformer_engine(args, on_cpu):
+def layer_spec(args: argparse.Namespace, on_cpu: bool,
+               plan: Optional[AttentionPlan] = None) -> ModuleSpec:
+    """The decoder layer spec for ``plan`` (default: planned here, forward-only on CPU)."""
+    plan = plan or plan_attention(args, on_cpu, training=False)
+    if plan.layer_spec == TE_SPEC:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization=args.normalization)
-    if attention_backend(args, on_cpu) == "torch":
-        # Our core attention: context parallelism without TE, document masks, no S x S scores.
-        spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-            module=TorchContextParallelAttention,
-            params={"max_block_size": getattr(args, "attention_block_size", None)})
+    attention = spec.submodules.self_attention.submodules
+    if plan.backend == "blockwise":
+        attention.core_attention = ModuleSpec(module=TorchContextParallelAttention,
+                                              params={"max_block_size": plan.block_size})
+    elif plan.backend == "flex":
+        attention.core_attention = ModuleSpec(module=FlexContextParallelAttention)
+    else:  # te: TE's own, behind a guard that refuses document masks it would drop
+        from megatron_ext.model.te_attention import guarded_te_attention
+
+        attention.core_attention = ModuleSpec(module=guarded_te_attention())
     return spec
 
 
 def build_model(args: argparse.Namespace, config: TransformerConfig, on_cpu: bool,
-                vocab_size: int) -> GPTModel:
+                vocab_size: int, plan: Optional[AttentionPlan] = None) -> GPTModel:
     """This rank's stage of the model (first/last stages own embedding/output layer).
 
     RoPE angles come from the batch's position ids (PoSE/LongRecipe/packed documents need that;
@@ -128,7 +120,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, on_cpu: boo
     """
     return PositionIdsGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(args, on_cpu),
+        transformer_layer_spec=layer_spec(args, on_cpu, plan),
         vocab_size=vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

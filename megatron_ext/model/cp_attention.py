@@ -1,8 +1,9 @@
-"""Core attention with context parallelism (CP) in plain torch, for CPU and GPUs without TE.
+"""The blockwise attention backend: context parallelism (CP) and document masks in plain torch.
 
 Megatron-Core's only CP attention is Transformer Engine's; its local ``DotProductAttention``
 asserts CP == 1. ``TorchContextParallelAttention`` is a drop-in for the layer spec's
-``core_attention`` submodule that works for any CP size (CP=1 included):
+``core_attention`` submodule that works for any CP size (CP=1 included). It is the CPU training
+path and the reference that the fused ``flex`` backend (``flex_attention.py``) is tested against:
 
 * Layout: Megatron's load-balanced one (``megatron_ext.data.context_parallel``): rank r holds
   chunks r and 2*CP-1-r of the sequence. Causal masking uses the *global* index of every token in
@@ -10,10 +11,12 @@ asserts CP == 1. ``TorchContextParallelAttention`` is a drop-in for the layer sp
 * Exchange: every rank all-gathers the keys and values of the CP group with our autograd-correct
   ``all_gather_seq`` (its backward sums key/value gradients over the group). A ring exchange
   would keep only two key/value chunks per rank; not implemented.
-* Compute: queries and keys are cut into blocks (default: one CP chunk, ``S / (2*CP)`` tokens,
-  or ``max_block_size``), softmax is merged across key blocks with a running log-sum-exp, and
-  blocks that the causal / document mask hides entirely are skipped. No rank ever materialises an
-  ``S x S`` score matrix; the largest temporary is ``[b, heads, block, block]``.
+* Compute: queries and keys are cut into blocks (at most 1024 tokens, or ``max_block_size``;
+  never straddling a CP chunk), softmax is merged across key blocks with a running log-sum-exp,
+  and blocks that the causal / document mask hides entirely are skipped (decided for all block
+  pairs at once, one host synchronisation per call, not one per pair). Scores and the softmax
+  are fp32 for any input dtype. No rank ever materialises an ``S x S`` score matrix; the largest
+  temporary is ``[b, heads, block, block]``.
 * Backward: a custom autograd Function that recomputes each block's probabilities from the saved
   (q, k, v, out, lse), FlashAttention style, instead of saving them.
 * Documents: packed sequences attend only within their document. Document ids of the local tokens
@@ -37,6 +40,7 @@ from torch import Tensor
 
 from megatron_ext.comm import all_gather_seq
 from megatron_ext.data.context_parallel import cp_chunk_spans
+from megatron_ext.model.attention_backends import DEFAULT_BLOCK_TOKENS
 
 # ------------------------------------------------------------------------------------------------
 # How document ids reach core attention
@@ -101,15 +105,74 @@ def _visible_keys(q_keys: Tensor, k_keys: Tensor) -> Tensor:
     return same_doc & ((k_branch == 0) | (k_branch == (q_keys[:, :, None] & _BRANCH_MASK)))
 
 
-def _visibility_keys_from(packed_seq_params: Optional[PackedSeqParams]) -> Optional[Tensor]:
+def visibility_keys_from(packed_seq_params: Optional[PackedSeqParams],
+                         query: Tensor) -> Optional[Tensor]:
+    """This rank's visibility keys [b, s_local] from the micro-batch's ``DocumentMaskParams``."""
     if packed_seq_params is None:
         return None
-    if isinstance(packed_seq_params, DocumentMaskParams):
-        return packed_seq_params.visibility_keys()
-    raise ValueError(
-        f"TorchContextParallelAttention takes document boundaries as DocumentMaskParams "
-        f"(qkv_format='sbhd'), got {type(packed_seq_params).__name__} with qkv_format="
-        f"{packed_seq_params.qkv_format!r}; the THD/cu_seqlens format is Transformer Engine's")
+    if not isinstance(packed_seq_params, DocumentMaskParams):
+        raise ValueError(
+            f"our attention backends take document boundaries as DocumentMaskParams "
+            f"(qkv_format='sbhd'), got {type(packed_seq_params).__name__} with qkv_format="
+            f"{packed_seq_params.qkv_format!r}; the THD/cu_seqlens format is Transformer Engine's")
+    cache = packed_seq_params.__dict__.setdefault("_attention_cache", {})
+    if "query_keys" not in cache:
+        keys = packed_seq_params.visibility_keys()
+        local_tokens = (query.shape[1], query.shape[0])
+        if tuple(keys.shape) != local_tokens:
+            raise ValueError(f"document_ids shape {tuple(keys.shape)} does not match this "
+                             f"rank's tokens [b={query.shape[1]}, s={query.shape[0]}]; slice them "
+                             f"with slice_for_cp like the tokens")
+        cache["query_keys"] = keys.to(query.device)
+    return cache["query_keys"]
+
+
+def gather_keys_values(key: Tensor, value: Tensor, query_keys: Optional[Tensor],
+                       packed_seq_params: Optional[PackedSeqParams], cp_group):
+    """Every CP rank's keys, values and visibility keys, in rank order.
+
+    The visibility keys are gathered once per micro-batch and cached on its
+    ``DocumentMaskParams``, which every layer receives.
+    """
+    cp_size = 1 if cp_group is None else cp_group.size()
+    if cp_size == 1:
+        return key, value, query_keys
+    # Two gathers rather than one of cat(key, value): the cat and its backward would each add a
+    # full-sequence copy.
+    key_all = all_gather_seq(key, cp_group, dim=0)
+    value_all = all_gather_seq(value, cp_group, dim=0)
+    key_keys = None
+    if query_keys is not None:
+        cache = packed_seq_params.__dict__["_attention_cache"]
+        if "key_keys" not in cache:
+            cache["key_keys"] = all_gather_seq(query_keys.contiguous(), cp_group, dim=1)
+        key_keys = cache["key_keys"]
+    return key_all, value_all, key_keys
+
+
+def check_core_attention_config(config: TransformerConfig, attention_type: str,
+                                attention_dropout: Optional[float], backend: str) -> None:
+    """What our core attentions do not implement, refused when the layer is built."""
+    dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+    if dropout:
+        raise ValueError(f"the {backend} attention backend does not implement attention dropout "
+                         f"(got {dropout}); set --attention-dropout 0 (long-context training "
+                         f"uses 0) or use --attention-backend te")
+    if attention_type != "self":
+        raise ValueError(f"the {backend} attention backend supports self-attention only, got "
+                         f"{attention_type!r}")
+    if config.window_size is not None:
+        raise ValueError(f"sliding-window attention is not supported by the {backend} backend")
+    if config.softmax_type != "vanilla":
+        raise ValueError(f"softmax_type {config.softmax_type!r} is not supported by the "
+                         f"{backend} backend")
+
+
+def check_mask_type(mask_type: AttnMaskType, backend: str) -> AttnMaskType:
+    if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+        raise ValueError(f"attention mask type {mask_type} is not supported by the {backend} "
+                         f"backend (causal or no_mask; documents via DocumentMaskParams)")
+    return mask_type
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,9 +197,13 @@ class Block:
 
 
 def default_block_size(seq_len: int, cp_size: int, max_block_size: Optional[int] = None) -> int:
-    """One CP chunk (``S / (2*CP)``, also for CP=1) unless ``max_block_size`` is smaller."""
+    """One CP chunk (``S / (2*CP)``, also for CP=1), at most ``max_block_size`` (default 1024).
+
+    The cap keeps the score tile bounded whatever the length: one chunk at 32K and CP=1 would be
+    a [b, heads, 16K, 16K] fp32 tile (34 GB at 32 heads).
+    """
     chunk = math.ceil(seq_len / (2 * cp_size))
-    return max(1, min(chunk, max_block_size or chunk))
+    return max(1, min(chunk, max_block_size or DEFAULT_BLOCK_TOKENS))
 
 
 def layout_blocks(seq_len: int, cp_size: int, ranks: Sequence[int], block_size: int) -> List[Block]:
@@ -155,12 +222,48 @@ def layout_blocks(seq_len: int, cp_size: int, ranks: Sequence[int], block_size: 
     return blocks
 
 
-def _visibility(qb: Block, kb: Block, q_docs: Optional[Tensor], k_docs: Optional[Tensor],
-                causal: bool, device: torch.device):
-    """(skip, mask): skip when no query of ``qb`` sees any key of ``kb``; else a bool mask
-    [b or 1, bq, bk] (True = visible) or None when everything is visible."""
-    if causal and kb.global_start > qb.global_last:
-        return True, None  # every key comes after every query
+def _block_summaries(blocks: Sequence[Block], keys: Tensor) -> Tensor:
+    """Per block and batch row: [min doc, max doc, min branch > 0, max branch, has branch 0].
+
+    Documents and branches are contiguous runs in global order (documents are packed one after
+    another, branches follow their prompt), so these ranges decide block visibility.
+    """
+    big = torch.iinfo(torch.long).max
+    rows = []
+    for blk in blocks:
+        seg = keys[:, blk.start:blk.end]
+        docs, branch = seg >> BRANCH_BITS, seg & _BRANCH_MASK
+        rows.append(torch.stack([docs.amin(-1), docs.amax(-1),
+                                 branch.masked_fill(branch == 0, big).amin(-1), branch.amax(-1),
+                                 (branch == 0).any(-1).long()], dim=-1))
+    return torch.stack(rows)  # [blocks, b, 5]
+
+
+def hidden_block_pairs(q_blocks: Sequence[Block], k_blocks: Sequence[Block],
+                       q_keys: Optional[Tensor], k_keys: Optional[Tensor],
+                       causal: bool) -> List[List[bool]]:
+    """hidden[i][j]: no query of q_blocks[i] sees any key of k_blocks[j], for every row.
+
+    Decided for all pairs with tensor ops and read back once: one host synchronisation per call
+    instead of one per block pair. Conservative where ranges say "maybe" (a computed block that
+    turns out fully hidden contributes exp(-inf) = 0, so correctness never depends on it).
+    """
+    hidden = [[causal and kb.global_start > qb.global_last for kb in k_blocks] for qb in q_blocks]
+    if q_keys is None:
+        return hidden
+    q, k = _block_summaries(q_blocks, q_keys), _block_summaries(k_blocks, k_keys)
+    q, k = q[:, None], k[None, :]  # [nq, 1, b, 5] and [1, nk, b, 5]
+    shared_doc = (q[..., 0] <= k[..., 1]) & (k[..., 0] <= q[..., 1])
+    # A key is seen if it is shared (branch 0) or in the query's branch (branches > 0 overlap).
+    same_branch = (q[..., 2] <= k[..., 3]) & (k[..., 2] <= q[..., 3])
+    visible = (shared_doc & ((k[..., 4] > 0) | same_branch)).any(dim=-1)
+    by_keys = (~visible).tolist()
+    return [[h or d for h, d in zip(hrow, drow)] for hrow, drow in zip(hidden, by_keys)]
+
+
+def _visibility_mask(qb: Block, kb: Block, q_docs: Optional[Tensor], k_docs: Optional[Tensor],
+                     causal: bool, device: torch.device) -> Optional[Tensor]:
+    """Bool mask [b or 1, bq, bk] (True = visible), or None when everything is visible."""
     mask = None
     if causal and kb.global_last > qb.global_start:  # the diagonal crosses this block
         q_pos = torch.arange(qb.global_start, qb.global_last + 1, device=device)
@@ -169,11 +272,7 @@ def _visibility(qb: Block, kb: Block, q_docs: Optional[Tensor], k_docs: Optional
     if q_docs is not None:
         same_doc = _visible_keys(q_docs[:, qb.start:qb.end], k_docs[:, kb.start:kb.end])
         mask = same_doc if mask is None else mask & same_doc
-        # (One host sync per block pair on GPU; skipping is an optimisation, not needed for
-        # correctness: a fully hidden block contributes exp(-inf) = 0.)
-        if not bool(mask.any()):
-            return True, None  # different documents throughout
-    return False, mask
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,24 +299,30 @@ def _heads_first(block: Tensor) -> Tensor:
 
 
 def _block_scores(q_blk: Tensor, k_blk: Tensor, scale: float, mask: Optional[Tensor]) -> Tensor:
-    """Scores [b, g, r, bq, bk] in the accumulation dtype; hidden pairs are -inf."""
-    scores = _mm(q_blk, k_blk.transpose(-1, -2).unsqueeze(2), q_blk.dtype).mul_(scale)
+    """Scores [b, g, r, bq, bk] in the accumulation dtype; hidden pairs are -inf.
+
+    Computed from fp32 (or fp64) operands: a bf16 matmul would round every score to bf16 before
+    the softmax, which FlashAttention-style kernels never do.
+    """
+    acc_dtype = _accumulation_dtype(q_blk.dtype)
+    scores = _mm(q_blk, k_blk.transpose(-1, -2).unsqueeze(2), acc_dtype).mul_(scale)
     if mask is not None:
         scores.masked_fill_(~mask[:, None, None], float("-inf"))
     return scores
 
 
-def _forward_query_block(q_blk, k, v, qb, k_blocks, q_docs, k_docs, causal, scale):
-    """Output [b, g, r, bq, dv] and log-sum-exp [b, g, r, bq] of a query block [b, g, r, bq, d]."""
+def _forward_query_block(q_blk, k, v, qb, k_blocks, hidden, q_docs, k_docs, causal, scale):
+    """Output [b, g, r, bq, dv] and log-sum-exp [b, g, r, bq] of a query block [b, g, r, bq, d];
+    ``hidden[j]``: key block j is hidden from every query of this block."""
     b, g, r, bq, _ = q_blk.shape
     acc_dtype = _accumulation_dtype(q_blk.dtype)
     running_max = q_blk.new_full((b, g, r, bq), float("-inf"), dtype=acc_dtype)
     running_sum = torch.zeros_like(running_max)
     acc = q_blk.new_zeros((b, g, r, bq, v.shape[-1]), dtype=acc_dtype)
-    for kb in k_blocks:
-        skip, mask = _visibility(qb, kb, q_docs, k_docs, causal, q_blk.device)
+    for kb, skip in zip(k_blocks, hidden):
         if skip:
             continue
+        mask = _visibility_mask(qb, kb, q_docs, k_docs, causal, q_blk.device)
         scores = _block_scores(q_blk, _heads_first(k[kb.start:kb.end]), scale, mask)
         new_max = torch.maximum(running_max, scores.amax(dim=-1))
         # A row with nothing visible so far has max -inf; subtract 0 instead to avoid inf - inf.
@@ -236,8 +341,8 @@ def _forward_query_block(q_blk, k, v, qb, k_blocks, q_docs, k_docs, causal, scal
     return out, lse
 
 
-def _backward_query_block(q_blk, k, v, o_blk, do_blk, lse_blk, qb, k_blocks, q_docs, k_docs,
-                          causal, scale, dk, dv):
+def _backward_query_block(q_blk, k, v, o_blk, do_blk, lse_blk, qb, k_blocks, hidden, q_docs,
+                          k_docs, causal, scale, dk, dv):
     """dq [b, g, r, bq, d] of one query block; adds this block's share into ``dk``/``dv``."""
     b, g, r, bq, d = q_blk.shape
     dtype = q_blk.dtype
@@ -247,10 +352,10 @@ def _backward_query_block(q_blk, k, v, o_blk, do_blk, lse_blk, qb, k_blocks, q_d
     q_rows = q_blk.reshape(b, g, r * bq, d)  # the r query heads of a group share keys: one matmul
     do_rows = do_blk.reshape(b, g, r * bq, do_blk.shape[-1])
     dq = torch.zeros(q_blk.shape, dtype=acc_dtype, device=q_blk.device)
-    for kb in k_blocks:
-        skip, mask = _visibility(qb, kb, q_docs, k_docs, causal, q_blk.device)
+    for kb, skip in zip(k_blocks, hidden):
         if skip:
             continue
+        mask = _visibility_mask(qb, kb, q_docs, k_docs, causal, q_blk.device)
         k_blk = _heads_first(k[kb.start:kb.end])
         v_blk = _heads_first(v[kb.start:kb.end])
         probs = _block_scores(q_blk, k_blk, scale, mask).sub_(lse_blk[..., None]).exp_()
@@ -275,29 +380,32 @@ class _BlockwiseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_blocks, k_blocks, q_docs, k_docs, causal, scale):
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         lse = q.new_empty(q.shape[:-1], dtype=_accumulation_dtype(q.dtype))
-        for qb in q_blocks:
+        hidden = hidden_block_pairs(q_blocks, k_blocks, q_docs, k_docs, causal)
+        for qb, hidden_row in zip(q_blocks, hidden):
             rows = slice(qb.start, qb.end)
             out_blk, lse_blk = _forward_query_block(
-                _heads_first(q[rows]), k, v, qb, k_blocks, q_docs, k_docs, causal, scale)
+                _heads_first(q[rows]), k, v, qb, k_blocks, hidden_row, q_docs, k_docs, causal,
+                scale)
             out[rows] = out_blk.movedim(-2, 0)
             lse[rows] = lse_blk.movedim(-1, 0)
         ctx.save_for_backward(q, k, v, out, lse, q_docs, k_docs)
-        ctx.layout = (q_blocks, k_blocks, causal, scale)
+        ctx.layout = (q_blocks, k_blocks, hidden, causal, scale)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, q_docs, k_docs = ctx.saved_tensors
-        q_blocks, k_blocks, causal, scale = ctx.layout
+        q_blocks, k_blocks, hidden, causal, scale = ctx.layout
         acc_dtype = _accumulation_dtype(q.dtype)
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
-        for qb in q_blocks:
+        for qb, hidden_row in zip(q_blocks, hidden):
             rows = slice(qb.start, qb.end)
             dq_blk = _backward_query_block(
                 _heads_first(q[rows]), k, v, _heads_first(out[rows]), _heads_first(dout[rows]),
-                lse[rows].movedim(0, -1), qb, k_blocks, q_docs, k_docs, causal, scale, dk, dv)
+                lse[rows].movedim(0, -1), qb, k_blocks, hidden_row, q_docs, k_docs, causal, scale,
+                dk, dv)
             dq[rows] = dq_blk.movedim(-2, 0)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
@@ -305,6 +413,19 @@ class _BlockwiseAttention(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 # The CP computation without communication (testable in one process)
 # ------------------------------------------------------------------------------------------------
+
+def check_attention_shapes(query: Tensor, key: Tensor, value: Tensor, seq_len: int,
+                           cp_size: int) -> int:
+    """Validate this rank's queries against all ranks' keys/values; returns the KV group count."""
+    sq, heads, groups = query.shape[0], query.shape[2], key.shape[2]
+    if heads % groups:
+        raise ValueError(f"{heads} query heads cannot share {groups} key/value groups evenly")
+    if sq * cp_size != seq_len or key.shape[0] != seq_len or value.shape[0] != seq_len:
+        raise ValueError(f"expected {seq_len // cp_size} local queries and {seq_len} keys/values "
+                         f"for sequence length {seq_len} at CP={cp_size}, got {sq} and "
+                         f"{key.shape[0]}")
+    return groups
+
 
 def context_parallel_attention(
     query: Tensor,
@@ -332,13 +453,7 @@ def context_parallel_attention(
     Returns [seq_len / cp_size, b, np * hn(v)].
     """
     sq, b, heads, head_dim = query.shape
-    groups = key.shape[2]
-    if heads % groups:
-        raise ValueError(f"{heads} query heads cannot share {groups} key/value groups evenly")
-    if sq * cp_size != seq_len or key.shape[0] != seq_len or value.shape[0] != seq_len:
-        raise ValueError(f"expected {seq_len // cp_size} local queries and {seq_len} keys/values "
-                         f"for sequence length {seq_len} at CP={cp_size}, got {sq} and "
-                         f"{key.shape[0]}")
+    groups = check_attention_shapes(query, key, value, seq_len, cp_size)
     if (query_document_ids is None) != (key_document_ids is None):
         raise ValueError("pass document ids for both queries and keys, or for neither")
     if (query_branch_ids is None) != (key_branch_ids is None) or (
@@ -369,9 +484,10 @@ def _cp_group_from(pg_collection) -> Optional[torch.distributed.ProcessGroup]:
     return parallel_state.get_context_parallel_group(check_initialized=False)
 
 
-class TorchContextParallelAttention(MegatronModule):
-    """Drop-in ``core_attention`` (same constructor and forward as Megatron's
-    ``DotProductAttention``) with context parallelism and document masking, in plain torch.
+class ContextParallelCoreAttention(MegatronModule):
+    """What our core attentions share: Megatron's ``DotProductAttention`` constructor and forward,
+    the checks of what they do not implement, the CP group, and the gathering of keys, values and
+    visibility keys. Subclasses implement ``attend``.
 
     forward(query [sq, b, np, hn], key [sq, b, ng, hn], value, attention_mask=None,
             attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> [sq, b, np * hn]
@@ -379,10 +495,12 @@ class TorchContextParallelAttention(MegatronModule):
     ``packed_seq_params``: None, or ``DocumentMaskParams`` with this rank's document ids.
     ``attention_mask`` must be None: the causal mask follows from ``attn_mask_type`` and the CP
     layout, document boundaries from ``DocumentMaskParams`` (a dense [b, 1, s, s] mask is what CP
-    exists to avoid). ``cp_comm_type`` is accepted for signature compatibility; this backend
-    always exchanges keys/values by all-gather. ``max_block_size`` (extra, via
-    ``ModuleSpec(params=...)``) caps the attention block below one CP chunk to save memory.
+    exists to avoid). ``cp_comm_type`` is accepted for signature compatibility; our backends
+    always exchange keys/values by all-gather (``--cp-comm-type`` other than all_gather is refused
+    when the flags are read).
     """
+
+    backend_name = "?"
 
     def __init__(
         self,
@@ -394,27 +512,13 @@ class TorchContextParallelAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
-        max_block_size: Optional[int] = None,
     ):
         super().__init__(config=config)
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise ValueError(f"TorchContextParallelAttention does not implement attention dropout "
-                             f"(got {dropout}); set --attention-dropout 0 (long-context training "
-                             f"uses 0) or use the TE backend")
-        if attention_type != "self":
-            raise ValueError(f"TorchContextParallelAttention supports self-attention only, got "
-                             f"{attention_type!r}")
-        if config.window_size is not None:
-            raise ValueError("sliding-window attention is not supported by the torch CP backend")
-        if config.softmax_type != "vanilla":
-            raise ValueError(f"softmax_type {config.softmax_type!r} is not supported by the torch "
-                             f"CP backend")
+        check_core_attention_config(config, attention_type, attention_dropout, self.backend_name)
         self.layer_number = max(1, layer_number)
-        self.attn_mask_type = self._check_mask_type(attn_mask_type)
+        self.attn_mask_type = check_mask_type(attn_mask_type, self.backend_name)
         self.attention_type = attention_type
         self.cp_comm_type = cp_comm_type
-        self.max_block_size = max_block_size
         # apply_query_key_layer_scaling divides the scale by the layer number and multiplies the
         # scores back before the softmax: the same math, so it needs nothing here.
         self.softmax_scale = (softmax_scale if softmax_scale is not None
@@ -424,13 +528,6 @@ class TorchContextParallelAttention(MegatronModule):
         if group_size != config.context_parallel_size:
             raise ValueError(f"context-parallel group has {group_size} ranks but "
                              f"--context-parallel-size is {config.context_parallel_size}")
-
-    @staticmethod
-    def _check_mask_type(mask_type: AttnMaskType) -> AttnMaskType:
-        if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
-            raise ValueError(f"attention mask type {mask_type} is not supported by the torch CP "
-                             f"backend (causal or no_mask; documents via DocumentMaskParams)")
-        return mask_type
 
     def _cp_size_and_rank(self):
         if self.cp_group is None:
@@ -448,42 +545,47 @@ class TorchContextParallelAttention(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> Tensor:
         if attention_mask is not None:
-            raise ValueError("TorchContextParallelAttention takes no dense attention_mask: causal "
+            raise ValueError(f"{type(self).__name__} takes no dense attention_mask: causal "
                              "masking comes from the mask type and CP layout, document boundaries "
                              "from DocumentMaskParams(document_ids=...) as packed_seq_params")
         if attention_bias is not None:
-            raise ValueError("attention_bias is not supported by the torch CP backend")
-        mask_type = self._check_mask_type(attn_mask_type or self.attn_mask_type)
-        keys = _visibility_keys_from(packed_seq_params)
-        local_tokens = (query.shape[1], query.shape[0])
-        if keys is not None and tuple(keys.shape) != local_tokens:
-            raise ValueError(f"document_ids shape {tuple(keys.shape)} does not match this "
-                             f"rank's tokens [b={query.shape[1]}, s={query.shape[0]}]; slice them "
-                             f"with slice_for_cp like the tokens")
-
+            raise ValueError(f"attention_bias is not supported by the {self.backend_name} "
+                             f"attention backend")
+        mask_type = check_mask_type(attn_mask_type or self.attn_mask_type, self.backend_name)
+        query_keys = visibility_keys_from(packed_seq_params, query)
+        key_all, value_all, key_keys = gather_keys_values(key, value, query_keys,
+                                                          packed_seq_params, self.cp_group)
         cp_size, cp_rank = self._cp_size_and_rank()
-        key_all, value_all, key_keys = self._gather_keys_values(key, value, keys)
+        return self.attend(query, key_all, value_all, query_keys, key_keys, packed_seq_params,
+                           seq_len=query.shape[0] * cp_size, cp_size=cp_size, cp_rank=cp_rank,
+                           causal=mask_type == AttnMaskType.causal)
+
+    def attend(self, query, key_all, value_all, query_keys, key_keys, packed_seq_params, *,
+               seq_len, cp_size, cp_rank, causal) -> Tensor:
+        raise NotImplementedError
+
+
+class TorchContextParallelAttention(ContextParallelCoreAttention):
+    """The ``blockwise`` attention backend as a drop-in ``core_attention`` (see
+    ``ContextParallelCoreAttention``). ``max_block_size`` (extra, via ``ModuleSpec(params=...)``)
+    sets the attention block (default: 1024 tokens or one CP chunk, whichever is smaller).
+    """
+
+    backend_name = "blockwise"
+
+    def __init__(self, *args, max_block_size: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_block_size = max_block_size
+
+    def attend(self, query, key_all, value_all, query_keys, key_keys, packed_seq_params, *,
+               seq_len, cp_size, cp_rank, causal) -> Tensor:
         split = {}
-        if keys is not None:  # back to (document, branch) for the public function
-            split = dict(query_document_ids=keys >> BRANCH_BITS, query_branch_ids=keys & _BRANCH_MASK,
+        if query_keys is not None:  # back to (document, branch) for the public function
+            split = dict(query_document_ids=query_keys >> BRANCH_BITS,
+                         query_branch_ids=query_keys & _BRANCH_MASK,
                          key_document_ids=key_keys >> BRANCH_BITS,
                          key_branch_ids=key_keys & _BRANCH_MASK)
         return context_parallel_attention(
-            query, key_all, value_all,
-            seq_len=query.shape[0] * cp_size, cp_size=cp_size, cp_rank=cp_rank,
-            softmax_scale=self.softmax_scale, causal=mask_type == AttnMaskType.causal,
-            max_block_size=self.max_block_size, **split)
-
-    def _gather_keys_values(self, key: Tensor, value: Tensor, document_ids: Optional[Tensor]):
-        """Every CP rank's keys, values (and document ids), in rank order."""
-        cp_size, _ = self._cp_size_and_rank()
-        if cp_size == 1:
-            return key, value, document_ids
-        # Two gathers rather than one of cat(key, value): the cat and its backward would each
-        # add a full-sequence copy.
-        key_all = all_gather_seq(key, self.cp_group, dim=0)
-        value_all = all_gather_seq(value, self.cp_group, dim=0)
-        key_document_ids = None
-        if document_ids is not None:
-            key_document_ids = all_gather_seq(document_ids.contiguous(), self.cp_group, dim=1)
-        return key_all, value_all, key_document_ids
+            query, key_all, value_all, seq_len=seq_len, cp_size=cp_size, cp_rank=cp_rank,
+            softmax_scale=self.softmax_scale, causal=causal, max_block_size=self.max_block_size,
+            **split)

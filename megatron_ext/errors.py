@@ -1,0 +1,15 @@
+"""The one base class for problems a user can fix by changing flags or input files.
+
+Command-line entry points turn a ``UserError`` into ``prog: error: <message>`` and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad flags or input; the message names the flag or field and the fix."""
+
+
+class ArgumentError(UserError):
+    """An invalid combination of flags; the message names the flags and the fix."""
