@@ -180,24 +180,30 @@ def test_training_command_refuses_before_any_work(books_data, tmp_path, extra, w
 # The local spec's GPU configuration
 # ------------------------------------------------------------------------------------------------
 
+GPU_CONFIG_BUILD = """
+from megatron_ext import arguments, parallel
+from megatron_ext.model import build_model, transformer_config
+args = arguments.build_parser().parse_args([
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8",
+    "--num-query-groups", "2", "--seq-length", "256", "--transformer-impl", "local"])
+args.objective = "pretrain"
+args.kv_channels, args.ffn_hidden_size, args.max_position_embeddings = 8, 128, 256
+args.data_parallel_size, args.padded_vocab_size = 1, 256
+config = transformer_config(args, on_cpu=False)  # what a GPU run builds
+assert config.persist_layer_norm is False
+parallel.initialize(device="cpu")
+model = build_model(args, config, on_cpu=True, vocab_size=256)
+print(sum(p.numel() for p in model.parameters()))
+parallel.destroy()
+"""
+
+
 def test_the_gpu_config_of_the_local_spec_builds_a_model():
     """transformer_config(on_cpu=False) is what a GPU run uses; building the local spec from it
-    raised AssertionError (persist_layer_norm) before any GPU run could start."""
-    from megatron_ext import parallel
-    from megatron_ext.model import build_model, transformer_config
-
-    args = flags("--transformer-impl", "local", "--seq-length", "256")
-    args.kv_channels, args.ffn_hidden_size, args.max_position_embeddings = 8, 128, 256
-    args.data_parallel_size, args.padded_vocab_size = 1, 256
-    config = transformer_config(args, on_cpu=False)
-    assert config.persist_layer_norm is False
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    parallel.initialize(device="cpu")
-    try:
-        model = build_model(args, config, on_cpu=True, vocab_size=256)
-        assert sum(p.numel() for p in model.parameters()) > 0
-    finally:
-        parallel.destroy()
+    raised AssertionError (persist_layer_norm) before any GPU run could start. In a fresh process:
+    it initialises torch.distributed."""
+    proc = run([sys.executable, "-c", GPU_CONFIG_BUILD], env={"MASTER_PORT": str(free_port())})
+    assert int(proc.stdout.strip().splitlines()[-1]) > 0
 
 
 # ------------------------------------------------------------------------------------------------
