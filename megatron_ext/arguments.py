@@ -10,7 +10,9 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megatron_ext.data import position_schemes
 from megatron_ext.errors import ArgumentError
+from megatron_ext.layout import Layout, launched_world_size
 from megatron_ext.model import attention_backends
 
 
@@ -149,7 +151,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="documents packed into a sequence attend only within themselves, position "
                         "ids restart per document and targets across a document end are masked "
                         "(Megatron's --reset-attention-mask also turns this on)")
-    g.add_argument("--position-scheme", choices=["contiguous", "pose", "longrecipe", "logo"],
+    g.add_argument("--position-scheme", choices=list(position_schemes.SCHEMES),
                    default="contiguous",
                    help="position ids of a sample: contiguous; pose (chunks shifted by random skip "
                         "biases); longrecipe (sentences contiguous, the unused positions of "
@@ -229,56 +231,13 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
 
 def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived defaults and validate; raises ArgumentError naming the offending flag."""
-    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.context_parallel_size)
-    for flag, value in (("--tensor-model-parallel-size", tp),
-                        ("--pipeline-model-parallel-size", pp),
-                        ("--context-parallel-size", cp)):
-        if value < 1:
-            raise ArgumentError(f"{flag} must be >= 1, got {value}")
-    if world_size % (tp * pp * cp) != 0:
-        raise ArgumentError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}; "
-            f"launch a multiple of {tp * pp * cp} processes or change those flags")
-    args.data_parallel_size = world_size // (tp * pp * cp)
+    layout = Layout.from_args(args, world_size)
+    args.data_parallel_size = layout.dp
     args.world_size = world_size
-
-    if args.num_query_groups is None:
-        args.num_query_groups = args.num_attention_heads
-    if args.num_attention_heads % tp != 0:
-        raise ArgumentError(
-            f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp}); choose a TP size that divides the head count")
-    if args.num_attention_heads % args.num_query_groups != 0:
-        raise ArgumentError(
-            f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
-            f"--num-query-groups ({args.num_query_groups})")
-    if args.num_query_groups % tp != 0:
-        raise ArgumentError(
-            f"--num-query-groups ({args.num_query_groups}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp}); choose a TP size that divides the KV group count")
-    if args.kv_channels is None:
-        if args.hidden_size % args.num_attention_heads != 0:
-            raise ArgumentError(
-                f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads "
-                f"({args.num_attention_heads}); pass --kv-channels explicitly")
-        args.kv_channels = args.hidden_size // args.num_attention_heads
-    if args.ffn_hidden_size is None:
-        if args.swiglu:
-            args.ffn_hidden_size = ((int(8 * args.hidden_size / 3) + 63) // 64) * 64
-        else:
-            args.ffn_hidden_size = 4 * args.hidden_size
-    if args.ffn_hidden_size % tp != 0:
-        raise ArgumentError(f"--ffn-hidden-size ({args.ffn_hidden_size}) must be divisible by "
-                            f"--tensor-model-parallel-size ({tp})")
-    if args.num_layers % pp != 0:
-        raise ArgumentError(f"--num-layers ({args.num_layers}) must be divisible by "
-                            f"--pipeline-model-parallel-size ({pp})")
-    if cp > 1 and args.seq_length % (2 * cp) != 0:
-        raise ArgumentError(
-            f"--seq-length ({args.seq_length}) must be divisible by 2 x --context-parallel-size "
-            f"(= {2 * cp}) for the load-balanced context-parallel layout; pad or pick another length")
+    derive_model_defaults(args)
+    layout.check_model(heads=args.num_attention_heads, groups=args.num_query_groups,
+                       ffn=args.ffn_hidden_size, layers=args.num_layers)
+    layout.check_sequence(args.seq_length)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:
@@ -294,7 +253,7 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     # the platform it really runs on and gets the same answer.
     attention_backends.plan_attention(args, on_cpu=device_is_cpu(args),
                                       training=not args.skip_train)
-    if args.sequence_parallel and tp == 1:
+    if args.sequence_parallel and layout.tp == 1:
         args.sequence_parallel = False  # Megatron-LM does the same: SP needs TP > 1.
 
     dp = args.data_parallel_size
@@ -321,6 +280,23 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.skip_train and args.eval_iters <= 0:
         raise ArgumentError("--skip-train evaluates the validation split: give --eval-iters > 0")
     return args
+
+
+def derive_model_defaults(args: argparse.Namespace) -> None:
+    """Fill the model dimensions Megatron-LM derives when they are not given."""
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.kv_channels is None:
+        if args.hidden_size % args.num_attention_heads != 0:
+            raise ArgumentError(
+                f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads "
+                f"({args.num_attention_heads}); pass --kv-channels explicitly")
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.ffn_hidden_size is None:
+        if args.swiglu:
+            args.ffn_hidden_size = ((int(8 * args.hidden_size / 3) + 63) // 64) * 64
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
 
 
 def device_is_cpu(args: argparse.Namespace) -> bool:
@@ -456,7 +432,7 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
     parser = build_parser()
     args = parser.parse_args(argv)
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        world_size = launched_world_size()
     try:
         return finalize(args, world_size)
     except ArgumentError as err:

@@ -26,6 +26,7 @@ from megatron_ext import arguments, checkpointing, parallel
 from megatron_ext.data.context_parallel import slice_for_cp
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
 from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron_ext.errors import UserError, report
 from megatron_ext.evaluate import training_hook
 from megatron_ext.losses import masked_token_loss, reduce_reports
 from megatron_ext.metrics import MetricsWriter
@@ -159,9 +160,9 @@ def setup(args: argparse.Namespace, plat) -> TrainingSetup:
         args, tokenizer, [args.train_iters * args.global_batch_size,
                           args.eval_iters * args.global_batch_size if eval_runs else 0, 0])
     if train_ds is None and args.train_iters > 0 and not args.skip_train:
-        raise ValueError(f"--split {args.split} leaves no training data")
+        raise UserError(f"--split {args.split} leaves no training data")
     if (eval_runs or args.skip_train) and valid_ds is None:
-        raise ValueError(f"evaluation is asked for but --split {args.split} leaves no validation "
+        raise UserError(f"evaluation is asked for but --split {args.split} leaves no validation "
                          "data")
     objective = build_objective(args, device, plat.is_cpu)
     return TrainingSetup(args, model, optimizer, scheduler, objective, train_ds, valid_ds, layout,
@@ -308,10 +309,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = arguments.parse(argv)
     try:
         return _run(args)
-    except (checkpointing.CheckpointError, ValueError) as err:
-        # Input problems (bad checkpoint, empty split...): one clear line, not a traceback per rank.
-        print(f"megatron_ext.train: error: {err}", file=sys.stderr, flush=True)
-        return 1
+    except UserError as err:
+        # Input problems (bad checkpoint, empty split...): one clear line, not a traceback per
+        # rank. Anything else is a bug and keeps its traceback.
+        return report("megatron_ext.train", err)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
 from megatron_ext import parallel
 from megatron_ext.data.samples import AnnotatedGPTDataset, SampleConfig
+from megatron_ext.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def check_splits(prefixes: List[str], split: str, needed: List[bool]) -> None:
         counts = documents_per_split(total, split)
         for name, count, need in zip(SPLIT_NAMES, counts, needed):
             if need and count == 0:
-                raise ValueError(
+                raise UserError(
                     f"--split {split} gives the {name} split of {prefix} no documents (it has "
                     f"{total}); raise the {name} share of --split or add documents")
 
@@ -154,7 +154,7 @@ def build_preference_datasets(args, tokenizer, num_samples: List[int]):
             datasets.append(None)
             continue
         if len(part) == 0:
-            raise ValueError(f"--split {args.split} gives the {name} split of {rows.prefix} no rows "
+            raise UserError(f"--split {args.split} gives the {name} split of {rows.prefix} no rows "
                              f"(it has {len(rows)}); raise the {name} share of --split")
         datasets.append(PreferenceDataset(rows, part, count, config, name))
     return datasets
@@ -191,6 +191,3 @@ class MicroBatchIterator:
     def consumed_samples(self) -> int:
         return self.iteration * self.layout.global_batch_size
 
-
-def token_count(batch: Dict[str, torch.Tensor]) -> int:
-    return int(np.prod(batch["tokens"].shape))

@@ -34,11 +34,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.longrecipe import token_classes as tc
+from megatron_ext.errors import UserError
 
 MIN_TOKENS_PER_BUCKET = 50
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError):
     """Bad input for the analysis; the message names the flag, file or row."""
 
 

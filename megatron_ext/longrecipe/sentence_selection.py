@@ -36,6 +36,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.longrecipe import token_classes as tc
+from megatron_ext.errors import UserError
 
 SENTENCES, LINES = "sentences", "lines"
 # Words whose trailing period does not end a sentence ("Mr. Knightley").
@@ -47,7 +48,7 @@ _CLOSERS = "\"')]}”’»"
 _WHITESPACE_RUN = re.compile(r"\s+")
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError):
     """Bad input; the message names the flag, file or row."""
 
 
