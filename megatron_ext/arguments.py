@@ -10,10 +10,13 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megatron_ext import objectives
 from megatron_ext.data import position_schemes
+from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megatron-LM's flag)
 from megatron_ext.errors import ArgumentError
 from megatron_ext.layout import Layout, launched_world_size
 from megatron_ext.model import attention_backends
+from megatron_ext.objectives import preference
 
 
 def build_parser(prog: str = "megatron_ext.train") -> argparse.ArgumentParser:
@@ -165,44 +168,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--longrecipe-contiguous-prefix", action="store_true",
                    help="keep a random contiguous prefix of up to half the sample at positions "
                         "0.. (the released LongRecipe code's anchor)")
-    g.add_argument("--objective", choices=["pretrain", "sft", "preference"], default=None,
+    g.add_argument("--objective", choices=list(objectives.NAMES), default=None,
                    help="sft: loss on assistant tokens only (chat data from "
                         "tools/preprocess_data.py), packed with document masking; preference: "
                         "chosen vs rejected answers (data from tools/preprocess_preference.py). "
                         "Default: preference for preference data, else pretrain")
-    add_preference_args(p)
-
-
-# Per-loss defaults: LOGO's released Llama-3 recipe (beta 10, gamma/beta 0.3, SFT weight 0.1) and
-# SimPO's own defaults (beta 2, gamma/beta 0.25, no SFT term).
-PREFERENCE_DEFAULTS = {"logo": {"beta": 10.0, "gamma_beta_ratio": 0.3, "sft_weight": 0.1},
-                       "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.25, "sft_weight": 0.0}}
-
-
-def add_preference_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("preference alignment (data from tools/preprocess_preference.py)")
-    g.add_argument("--preference-loss", choices=sorted(PREFERENCE_DEFAULTS), default="logo",
-                   help="logo: -log sigmoid(beta * (s_chosen - mean_j s_rejected_j) - gamma) + "
-                        "sft_weight * CE(chosen), s = mean token log-prob of an answer; simpo: the "
-                        "same with one rejected answer (--num-rejected 1)")
-    g.add_argument("--beta", type=float, default=None,
-                   help="reward scale (default: 10 for logo, 2 for simpo)")
-    margin = g.add_mutually_exclusive_group()
-    margin.add_argument("--gamma", type=float, default=None,
-                        help="absolute reward margin gamma (TRL's simpo_gamma)")
-    margin.add_argument("--gamma-beta-ratio", type=float, default=None,
-                        help="margin as gamma / beta, SimPO's and LOGO's convention (default 0.3 "
-                             "for logo, 0.25 for simpo)")
-    g.add_argument("--sft-weight", type=float, default=None,
-                   help="weight of the chosen answer's token-mean cross entropy (default 0.1 for "
-                        "logo, 0 for simpo)")
-    g.add_argument("--num-rejected", type=int, default=None,
-                   help="rejected answers per row (default: all that every row has; 1 for simpo)")
-    g.add_argument("--preference-packing", choices=["separate", "shared-prefix"],
-                   default="shared-prefix",
-                   help="shared-prefix: the prompt once, the answers as branches attending to it "
-                        "and to themselves (same losses, a fraction of the compute); separate: "
-                        "one prompt copy per answer")
+    preference.add_arguments(p)
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -246,8 +217,6 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.attention_block_size is not None and args.attention_block_size < 1:
         raise ArgumentError(f"--attention-block-size must be >= 1, got {args.attention_block_size}")
     _resolve_objective(args)
-    args.packed_documents = (args.packed_documents or args.reset_attention_mask
-                             or args.objective == "sft")
     _validate_position_args(args)
     # Checked now, before any process group, data or model exists; the builder plans again with
     # the platform it really runs on and gets the same answer.
@@ -317,7 +286,7 @@ def _data_kinds(args: argparse.Namespace) -> set:
 
 
 def _resolve_objective(args: argparse.Namespace) -> None:
-    """The objective follows the data's recorded kind; preference flags get their defaults."""
+    """The objective follows the data's recorded kind; the objective then checks its own flags."""
     kinds = _data_kinds(args)
     if "preference" in kinds:
         if kinds != {"preference"}:
@@ -326,49 +295,12 @@ def _resolve_objective(args: argparse.Namespace) -> None:
         if args.objective not in (None, "preference"):
             raise ArgumentError(f"--objective {args.objective}: --data-path holds preference data "
                                 "(tools/preprocess_preference.py); drop --objective")
-        if len(parse_data_path(args.data_path)[0]) != 1:
-            raise ArgumentError("--data-path: preference training reads one preference dataset "
-                                "(preprocess several jsonl files together with --input a b c)")
         args.objective = "preference"
     elif args.objective == "preference":
         raise ArgumentError("--objective preference needs --data-path written by "
                             "tools/preprocess_preference.py")
     args.objective = args.objective or "pretrain"
-    if args.objective != "preference":
-        if args.position_scheme == "logo":
-            raise ArgumentError("--position-scheme logo synthesises positions for preference data "
-                                "(tools/preprocess_preference.py); use pose or longrecipe for text")
-        return
-    defaults = PREFERENCE_DEFAULTS[args.preference_loss]
-    if args.beta is None:
-        args.beta = defaults["beta"]
-    if args.gamma is None:
-        ratio = (args.gamma_beta_ratio if args.gamma_beta_ratio is not None
-                 else defaults["gamma_beta_ratio"])
-        args.gamma = args.beta * ratio
-    if args.sft_weight is None:
-        args.sft_weight = defaults["sft_weight"]
-    if args.beta <= 0:
-        raise ArgumentError(f"--beta must be > 0, got {args.beta}")
-    if args.sft_weight < 0:
-        raise ArgumentError(f"--sft-weight must be >= 0, got {args.sft_weight}")
-    if args.num_rejected is None and args.preference_loss == "simpo":
-        args.num_rejected = 1
-    if args.num_rejected is not None and args.num_rejected < 1:
-        raise ArgumentError(f"--num-rejected must be >= 1, got {args.num_rejected}")
-    if args.preference_loss == "simpo" and args.num_rejected != 1:
-        raise ArgumentError("--preference-loss simpo compares one chosen and one rejected answer: "
-                            "--num-rejected 1 (or use --preference-loss logo for M > 1)")
-    if args.position_scheme not in ("contiguous", "logo"):
-        raise ArgumentError(f"--position-scheme {args.position_scheme} is for text data; "
-                            "preference data takes contiguous or logo")
-    if args.packed_documents:
-        raise ArgumentError("--packed-documents / --reset-attention-mask do not apply to "
-                            "preference data: its branches are always masked from each other")
-    if args.sequence_parallel and args.tensor_model_parallel_size > 1:
-        raise ArgumentError("--sequence-parallel is not supported with preference data yet (only "
-                            "answer positions reach the output layer, picked from whole "
-                            "sequences); drop it")
+    objectives.get(args.objective).validate(args)
 
 
 def _validate_position_args(args: argparse.Namespace) -> None:
@@ -405,26 +337,6 @@ def _validate_data_args(args: argparse.Namespace) -> None:
         raise ArgumentError("--tokenizer-type and --tokenizer-model are required")
     if not os.path.exists(args.tokenizer_model):
         raise ArgumentError(f"--tokenizer-model: {args.tokenizer_model} does not exist")
-
-
-def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
-    """``[pathA]`` or ``[w1, pathA, w2, pathB, ...]`` -> (prefixes, weights or None)."""
-    tokens = [t for tok in tokens for t in tok.split()]
-    if len(tokens) == 1:
-        return [tokens[0]], None
-    if len(tokens) % 2 != 0:
-        raise ArgumentError("--data-path with several datasets takes weight/prefix pairs: "
-                            "0.7 pathA 0.3 pathB")
-    weights, prefixes = [], []
-    for weight, prefix in zip(tokens[0::2], tokens[1::2]):
-        try:
-            weights.append(float(weight))
-        except ValueError:
-            raise ArgumentError(f"--data-path: expected a weight before {prefix!r}, got {weight!r}")
-        prefixes.append(prefix)
-    if any(w <= 0 for w in weights):
-        raise ArgumentError("--data-path weights must be positive")
-    return prefixes, weights
 
 
 def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:

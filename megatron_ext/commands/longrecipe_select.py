@@ -18,7 +18,15 @@ import os
 import sys
 
 
+from megatron_ext.dtypes import dtype_name
 from megatron_ext.longrecipe import token_classes as tc
+
+
+def _segment_unit(text: str) -> str:
+    unit = {"sentences": "sentence", "lines": "line"}.get(text, text)
+    if unit not in ("sentence", "line"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use sentence or line")
+    return unit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--position-bucket", type=int, default=None,
                    help="positions per ranking bucket (default ceil(50 / documents), 1 = per "
                         "index as in the paper once there are >= 50 documents)")
-    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    a.add_argument("--dtype", type=dtype_name, default="fp32",
+                   help="fp32, bf16 or fp16 (float32, bfloat16, float16 accepted)")
     a.add_argument("--device", default="cpu")
     a.add_argument("--spacy-model", default="en_core_web_sm",
                    help="spaCy pipeline for part-of-speech tags, used when spaCy is installed")
@@ -63,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["HuggingFaceTokenizer", "SentencePieceTokenizer"])
     s.add_argument("--tokenizer-model", required=True,
                    help="the tokenizer tools/preprocess_data.py will use (HF folder or .model)")
-    s.add_argument("--segment-by", choices=["sentences", "lines"], default="sentences",
-                   help="'lines' for code")
+    s.add_argument("--segment-unit", "--segment-by", dest="segment_unit", type=_segment_unit,
+                   default="sentence",
+                   help="sentence, or line for code (as tools/preprocess_data.py's "
+                        "--segment-unit; --segment-by sentences|lines is the former spelling)")
     s.add_argument("--wrapped-lines", action="store_true",
                    help="text with hard line breaks (books): a single newline does not end a "
                         "sentence, a blank line does")
@@ -113,7 +124,7 @@ def run_select(args) -> int:
 
     # The selector checks its flags first; the tokenizer (seconds to load) comes after.
     selector = ss.SentenceSelector(None, args.target_seq_length, args.budget_ratio,
-                                   ss.parse_classes(args.keep_classes), args.segment_by,
+                                   ss.parse_classes(args.keep_classes), args.segment_unit,
                                    args.wrapped_lines, args.seed)
     selector.tokenize = ss.tokenizer_counter(args.tokenizer_type, args.tokenizer_model)
     stats = ss.select_file(args.input, args.output, selector, args.text_key, args.id_key,

@@ -20,7 +20,8 @@ import numpy as np
 
 from megatron_ext.data import token_flags
 from megatron_ext.data.context_parallel import cp_token_indices
-from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
+from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
+from megatron_ext.objectives import datasets_from_args
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.errors import UserError
 

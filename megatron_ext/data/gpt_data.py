@@ -116,33 +116,13 @@ def build_gpt_datasets(
                                          config).build()
 
 
-def datasets_from_args(args, tokenizer, num_samples: List[int]):
-    """The datasets training reads, from its command-line flags (also used by inspect_batches)."""
-    if args.objective == "preference":
-        return build_preference_datasets(args, tokenizer, num_samples)
-    return build_gpt_datasets(
-        args.data_blend, args.split, args.seq_length, args.seed, tokenizer,
-        num_samples=num_samples,
-        cache_dir=args.data_cache_path,
-        eod_mask_loss=args.eod_mask_loss,
-        packed_documents=args.packed_documents,
-        sft=args.objective == "sft",
-        position_scheme=args.position_scheme,
-        target_seq_length=args.target_seq_length,
-        pose_num_chunks=args.pose_num_chunks,
-        longrecipe_contiguous_prefix=args.longrecipe_contiguous_prefix,
-    )
-
-
 def build_preference_datasets(args, tokenizer, num_samples: List[int]):
-    """[train, valid, test] preference datasets (None for a split nobody reads); fills
-    ``args.num_rejected`` from the data when it was not given."""
+    """[train, valid, test] preference datasets (None for a split nobody reads); the number of
+    rejected answers is ``args.num_rejected`` (filled from the data while the flags are read)."""
     from megatron_ext.data.preference_samples import (PreferenceConfig, PreferenceDataset,
                                                       PreferenceRows, split_rows)
 
     rows = PreferenceRows(args.data_blend[0][0])
-    if args.num_rejected is None:
-        args.num_rejected = int(rows.meta.get("min_rejected", 1))
     config = PreferenceConfig(
         seq_length=args.seq_length, num_rejected=args.num_rejected,
         layout=args.preference_packing, position_scheme=args.position_scheme,
