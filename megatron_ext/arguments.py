@@ -10,8 +10,13 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megatron_ext import objectives
+from megatron_ext.data import position_schemes
+from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megatron-LM's flag)
 from megatron_ext.errors import ArgumentError
+from megatron_ext.layout import Layout, launched_world_size
 from megatron_ext.model import attention_backends
+from megatron_ext.objectives import preference
 
 
 def build_parser(prog: str = "megatron_ext.train") -> argparse.ArgumentParser:
@@ -149,7 +154,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="documents packed into a sequence attend only within themselves, position "
                         "ids restart per document and targets across a document end are masked "
                         "(Megatron's --reset-attention-mask also turns this on)")
-    g.add_argument("--position-scheme", choices=["contiguous", "pose", "longrecipe", "logo"],
+    g.add_argument("--position-scheme", choices=list(position_schemes.SCHEMES),
                    default="contiguous",
                    help="position ids of a sample: contiguous; pose (chunks shifted by random skip "
                         "biases); longrecipe (sentences contiguous, the unused positions of "
@@ -163,44 +168,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--longrecipe-contiguous-prefix", action="store_true",
                    help="keep a random contiguous prefix of up to half the sample at positions "
                         "0.. (the released LongRecipe code's anchor)")
-    g.add_argument("--objective", choices=["pretrain", "sft", "preference"], default=None,
+    g.add_argument("--objective", choices=list(objectives.NAMES), default=None,
                    help="sft: loss on assistant tokens only (chat data from "
                         "tools/preprocess_data.py), packed with document masking; preference: "
                         "chosen vs rejected answers (data from tools/preprocess_preference.py). "
                         "Default: preference for preference data, else pretrain")
-    add_preference_args(p)
-
-
-# Per-loss defaults: LOGO's released Llama-3 recipe (beta 10, gamma/beta 0.3, SFT weight 0.1) and
-# SimPO's own defaults (beta 2, gamma/beta 0.25, no SFT term).
-PREFERENCE_DEFAULTS = {"logo": {"beta": 10.0, "gamma_beta_ratio": 0.3, "sft_weight": 0.1},
-                       "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.25, "sft_weight": 0.0}}
-
-
-def add_preference_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("preference alignment (data from tools/preprocess_preference.py)")
-    g.add_argument("--preference-loss", choices=sorted(PREFERENCE_DEFAULTS), default="logo",
-                   help="logo: -log sigmoid(beta * (s_chosen - mean_j s_rejected_j) - gamma) + "
-                        "sft_weight * CE(chosen), s = mean token log-prob of an answer; simpo: the "
-                        "same with one rejected answer (--num-rejected 1)")
-    g.add_argument("--beta", type=float, default=None,
-                   help="reward scale (default: 10 for logo, 2 for simpo)")
-    margin = g.add_mutually_exclusive_group()
-    margin.add_argument("--gamma", type=float, default=None,
-                        help="absolute reward margin gamma (TRL's simpo_gamma)")
-    margin.add_argument("--gamma-beta-ratio", type=float, default=None,
-                        help="margin as gamma / beta, SimPO's and LOGO's convention (default 0.3 "
-                             "for logo, 0.25 for simpo)")
-    g.add_argument("--sft-weight", type=float, default=None,
-                   help="weight of the chosen answer's token-mean cross entropy (default 0.1 for "
-                        "logo, 0 for simpo)")
-    g.add_argument("--num-rejected", type=int, default=None,
-                   help="rejected answers per row (default: all that every row has; 1 for simpo)")
-    g.add_argument("--preference-packing", choices=["separate", "shared-prefix"],
-                   default="shared-prefix",
-                   help="shared-prefix: the prompt once, the answers as branches attending to it "
-                        "and to themselves (same losses, a fraction of the compute); separate: "
-                        "one prompt copy per answer")
+    preference.add_arguments(p)
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -229,56 +202,13 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
 
 def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived defaults and validate; raises ArgumentError naming the offending flag."""
-    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.context_parallel_size)
-    for flag, value in (("--tensor-model-parallel-size", tp),
-                        ("--pipeline-model-parallel-size", pp),
-                        ("--context-parallel-size", cp)):
-        if value < 1:
-            raise ArgumentError(f"{flag} must be >= 1, got {value}")
-    if world_size % (tp * pp * cp) != 0:
-        raise ArgumentError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}; "
-            f"launch a multiple of {tp * pp * cp} processes or change those flags")
-    args.data_parallel_size = world_size // (tp * pp * cp)
+    layout = Layout.from_args(args, world_size)
+    args.data_parallel_size = layout.dp
     args.world_size = world_size
-
-    if args.num_query_groups is None:
-        args.num_query_groups = args.num_attention_heads
-    if args.num_attention_heads % tp != 0:
-        raise ArgumentError(
-            f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp}); choose a TP size that divides the head count")
-    if args.num_attention_heads % args.num_query_groups != 0:
-        raise ArgumentError(
-            f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
-            f"--num-query-groups ({args.num_query_groups})")
-    if args.num_query_groups % tp != 0:
-        raise ArgumentError(
-            f"--num-query-groups ({args.num_query_groups}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp}); choose a TP size that divides the KV group count")
-    if args.kv_channels is None:
-        if args.hidden_size % args.num_attention_heads != 0:
-            raise ArgumentError(
-                f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads "
-                f"({args.num_attention_heads}); pass --kv-channels explicitly")
-        args.kv_channels = args.hidden_size // args.num_attention_heads
-    if args.ffn_hidden_size is None:
-        if args.swiglu:
-            args.ffn_hidden_size = ((int(8 * args.hidden_size / 3) + 63) // 64) * 64
-        else:
-            args.ffn_hidden_size = 4 * args.hidden_size
-    if args.ffn_hidden_size % tp != 0:
-        raise ArgumentError(f"--ffn-hidden-size ({args.ffn_hidden_size}) must be divisible by "
-                            f"--tensor-model-parallel-size ({tp})")
-    if args.num_layers % pp != 0:
-        raise ArgumentError(f"--num-layers ({args.num_layers}) must be divisible by "
-                            f"--pipeline-model-parallel-size ({pp})")
-    if cp > 1 and args.seq_length % (2 * cp) != 0:
-        raise ArgumentError(
-            f"--seq-length ({args.seq_length}) must be divisible by 2 x --context-parallel-size "
-            f"(= {2 * cp}) for the load-balanced context-parallel layout; pad or pick another length")
+    derive_model_defaults(args)
+    layout.check_model(heads=args.num_attention_heads, groups=args.num_query_groups,
+                       ffn=args.ffn_hidden_size, layers=args.num_layers)
+    layout.check_sequence(args.seq_length)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:
@@ -287,14 +217,12 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.attention_block_size is not None and args.attention_block_size < 1:
         raise ArgumentError(f"--attention-block-size must be >= 1, got {args.attention_block_size}")
     _resolve_objective(args)
-    args.packed_documents = (args.packed_documents or args.reset_attention_mask
-                             or args.objective == "sft")
     _validate_position_args(args)
     # Checked now, before any process group, data or model exists; the builder plans again with
     # the platform it really runs on and gets the same answer.
     attention_backends.plan_attention(args, on_cpu=device_is_cpu(args),
                                       training=not args.skip_train)
-    if args.sequence_parallel and tp == 1:
+    if args.sequence_parallel and layout.tp == 1:
         args.sequence_parallel = False  # Megatron-LM does the same: SP needs TP > 1.
 
     dp = args.data_parallel_size
@@ -323,6 +251,23 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     return args
 
 
+def derive_model_defaults(args: argparse.Namespace) -> None:
+    """Fill the model dimensions Megatron-LM derives when they are not given."""
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.kv_channels is None:
+        if args.hidden_size % args.num_attention_heads != 0:
+            raise ArgumentError(
+                f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads "
+                f"({args.num_attention_heads}); pass --kv-channels explicitly")
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.ffn_hidden_size is None:
+        if args.swiglu:
+            args.ffn_hidden_size = ((int(8 * args.hidden_size / 3) + 63) // 64) * 64
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
+
+
 def device_is_cpu(args: argparse.Namespace) -> bool:
     """Whether this run will be on CPU (``--device``, ``MEGATRON_EXT_DEVICE``, else CUDA if any)."""
     from megatron_ext import platform
@@ -341,7 +286,7 @@ def _data_kinds(args: argparse.Namespace) -> set:
 
 
 def _resolve_objective(args: argparse.Namespace) -> None:
-    """The objective follows the data's recorded kind; preference flags get their defaults."""
+    """The objective follows the data's recorded kind; the objective then checks its own flags."""
     kinds = _data_kinds(args)
     if "preference" in kinds:
         if kinds != {"preference"}:
@@ -350,49 +295,12 @@ def _resolve_objective(args: argparse.Namespace) -> None:
         if args.objective not in (None, "preference"):
             raise ArgumentError(f"--objective {args.objective}: --data-path holds preference data "
                                 "(tools/preprocess_preference.py); drop --objective")
-        if len(parse_data_path(args.data_path)[0]) != 1:
-            raise ArgumentError("--data-path: preference training reads one preference dataset "
-                                "(preprocess several jsonl files together with --input a b c)")
         args.objective = "preference"
     elif args.objective == "preference":
         raise ArgumentError("--objective preference needs --data-path written by "
                             "tools/preprocess_preference.py")
     args.objective = args.objective or "pretrain"
-    if args.objective != "preference":
-        if args.position_scheme == "logo":
-            raise ArgumentError("--position-scheme logo synthesises positions for preference data "
-                                "(tools/preprocess_preference.py); use pose or longrecipe for text")
-        return
-    defaults = PREFERENCE_DEFAULTS[args.preference_loss]
-    if args.beta is None:
-        args.beta = defaults["beta"]
-    if args.gamma is None:
-        ratio = (args.gamma_beta_ratio if args.gamma_beta_ratio is not None
-                 else defaults["gamma_beta_ratio"])
-        args.gamma = args.beta * ratio
-    if args.sft_weight is None:
-        args.sft_weight = defaults["sft_weight"]
-    if args.beta <= 0:
-        raise ArgumentError(f"--beta must be > 0, got {args.beta}")
-    if args.sft_weight < 0:
-        raise ArgumentError(f"--sft-weight must be >= 0, got {args.sft_weight}")
-    if args.num_rejected is None and args.preference_loss == "simpo":
-        args.num_rejected = 1
-    if args.num_rejected is not None and args.num_rejected < 1:
-        raise ArgumentError(f"--num-rejected must be >= 1, got {args.num_rejected}")
-    if args.preference_loss == "simpo" and args.num_rejected != 1:
-        raise ArgumentError("--preference-loss simpo compares one chosen and one rejected answer: "
-                            "--num-rejected 1 (or use --preference-loss logo for M > 1)")
-    if args.position_scheme not in ("contiguous", "logo"):
-        raise ArgumentError(f"--position-scheme {args.position_scheme} is for text data; "
-                            "preference data takes contiguous or logo")
-    if args.packed_documents:
-        raise ArgumentError("--packed-documents / --reset-attention-mask do not apply to "
-                            "preference data: its branches are always masked from each other")
-    if args.sequence_parallel and args.tensor_model_parallel_size > 1:
-        raise ArgumentError("--sequence-parallel is not supported with preference data yet (only "
-                            "answer positions reach the output layer, picked from whole "
-                            "sequences); drop it")
+    objectives.get(args.objective).validate(args)
 
 
 def _validate_position_args(args: argparse.Namespace) -> None:
@@ -431,32 +339,12 @@ def _validate_data_args(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--tokenizer-model: {args.tokenizer_model} does not exist")
 
 
-def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
-    """``[pathA]`` or ``[w1, pathA, w2, pathB, ...]`` -> (prefixes, weights or None)."""
-    tokens = [t for tok in tokens for t in tok.split()]
-    if len(tokens) == 1:
-        return [tokens[0]], None
-    if len(tokens) % 2 != 0:
-        raise ArgumentError("--data-path with several datasets takes weight/prefix pairs: "
-                            "0.7 pathA 0.3 pathB")
-    weights, prefixes = [], []
-    for weight, prefix in zip(tokens[0::2], tokens[1::2]):
-        try:
-            weights.append(float(weight))
-        except ValueError:
-            raise ArgumentError(f"--data-path: expected a weight before {prefix!r}, got {weight!r}")
-        prefixes.append(prefix)
-    if any(w <= 0 for w in weights):
-        raise ArgumentError("--data-path weights must be positive")
-    return prefixes, weights
-
-
 def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
     """Parse and validate; exits with status 2 and a one-line error on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        world_size = launched_world_size()
     try:
         return finalize(args, world_size)
     except ArgumentError as err:

@@ -25,6 +25,8 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_ext.errors import UserError
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 
@@ -39,7 +41,7 @@ ARCHITECTURE_FIELDS = (
 EXTENSION_FIELDS = ("rotary_base",)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     pass
 
 

@@ -13,3 +13,14 @@ class UserError(ValueError):
 
 class ArgumentError(UserError):
     """An invalid combination of flags; the message names the flags and the fix."""
+
+
+EXIT_USAGE = 2  # argparse's exit status for bad usage; every command uses it for a UserError
+
+
+def report(prog: str, err: UserError) -> int:
+    """Print ``prog: error: message`` (one line, no traceback) and return the exit status."""
+    import sys
+
+    print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+    return EXIT_USAGE

@@ -30,16 +30,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
+from megatron_ext.dtypes import DTYPES
+from megatron_ext.errors import UserError
+
 HF, MEGATRON = "hf", "megatron"
 # megatron_ext.checkpointing.TRACKER_FILE; not imported here because it pulls in Megatron-Core,
 # which an HF merge does not need.
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
               "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """Inputs that cannot be merged; the message names the input, tensor or flag."""
 
 

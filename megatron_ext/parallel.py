@@ -1,88 +1,27 @@
 """torch.distributed and Megatron-Core process groups, from torchrun or SLURM variables.
 
-This is the one place that knows how ranks are discovered. torchrun sets RANK/WORLD_SIZE/
-LOCAL_RANK/MASTER_ADDR/MASTER_PORT; `srun` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and a
-compressed SLURM_JOB_NODELIST from which the first host becomes the master.
+How ranks are discovered lives in ``launch.py`` (no torch import, so flag parsing can ask for the
+world size cheaply); this module turns that into process groups.
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import datetime
-import os
-import re
 import socket
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_ext import platform as platform_mod
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun", "slurm" or "single"
-
-
-def first_host_in_nodelist(nodelist: str) -> str:
-    """First hostname of a SLURM nodelist such as ``gpu[003-007,010],cpu1`` -> ``gpu003``."""
-    nodelist = nodelist.strip()
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not match:
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, _, ranges = match.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
-
-
-def launch_info(env: Mapping[str, str] = os.environ) -> LaunchInfo:
-    """Read rank layout from torchrun (preferred) or SLURM variables; single process otherwise."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchInfo(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
-            launcher="torchrun",
-        )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job_id = int(env.get("SLURM_JOB_ID", 0))
-        master = env.get("MASTER_ADDR") or first_host_in_nodelist(
-            env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
-        )
-        return LaunchInfo(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=master,
-            # Distinct jobs sharing a node must not collide on the rendezvous port.
-            master_port=int(env.get("MASTER_PORT", 29500 + job_id % 1000)),
-            launcher="slurm",
-        )
-    return LaunchInfo(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
-                      int(env.get("MASTER_PORT", 29500)), "single")
+from megatron_ext.launch import LaunchInfo, first_host_in_nodelist, launch_info  # noqa: F401
+from megatron_ext.layout import Layout
 
 
 def check_layout(world_size: int, tp: int, pp: int, cp: int) -> int:
-    """Data-parallel size for the layout, or a ValueError naming the flags to change."""
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = "
-            f"{model_parallel}; launch a multiple of {model_parallel} processes or change those flags"
-        )
-    return world_size // model_parallel
+    """Data-parallel size for the layout, or an error naming the flags to change."""
+    return Layout(tp, pp, cp, world_size).dp
 
 
 def initialize(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 import time
 from typing import Dict, List, Optional
@@ -22,43 +21,16 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import arguments, checkpointing, parallel
-from megatron_ext.data.context_parallel import slice_for_cp
-from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
+from megatron_ext import arguments, checkpointing, objectives, parallel
+from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
+from megatron_ext.objectives import datasets_from_args
 from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron_ext.errors import UserError, report
 from megatron_ext.evaluate import training_hook
-from megatron_ext.losses import masked_token_loss, reduce_reports
+from megatron_ext.losses import reduce_reports
 from megatron_ext.metrics import MetricsWriter
 from megatron_ext.model import build_model, transformer_config
 from megatron_ext.model.attention_backends import describe_what_ran, plan_attention, what_ran
-from megatron_ext.model.cp_attention import DocumentMaskParams
-
-
-@dataclasses.dataclass
-class LanguageModelingObjective:
-    """Next-token prediction over ``loss_mask``; the strategy the schedule calls per micro-batch.
-
-    Pretraining and SFT share it: the dataset already decided which targets count (``loss_mask``),
-    which positions each token has and, for packed documents, the ``document_ids``. Every rank
-    reads the whole micro-batch; with context parallelism it keeps its own slice of the sequence
-    (tokens, labels, loss mask, position ids and document ids alike).
-    """
-
-    device: torch.device
-    loss_key: str = "lm loss"
-    metrics: tuple = ()
-
-    def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        seq_length = batch["tokens"].shape[1]
-        batch = slice_for_cp(batch, parallel_state.get_context_parallel_world_size(),
-                             parallel_state.get_context_parallel_rank())
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        documents = (DocumentMaskParams.for_tokens(batch["document_ids"], seq_length)
-                     if "document_ids" in batch else None)
-        per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                               packed_seq_params=documents)
-        return per_token_loss, functools.partial(masked_token_loss, batch["loss_mask"])
 
 
 @dataclasses.dataclass
@@ -67,7 +39,7 @@ class TrainingSetup:
     model: List[torch.nn.Module]
     optimizer: object
     scheduler: OptimizerParamScheduler
-    objective: object  # LanguageModelingObjective or PreferenceObjective
+    objective: object  # the objective's per-micro-batch strategy (megatron_ext/objectives)
     train_data: object
     valid_data: Optional[object]
     layout: BatchLayout
@@ -159,23 +131,13 @@ def setup(args: argparse.Namespace, plat) -> TrainingSetup:
         args, tokenizer, [args.train_iters * args.global_batch_size,
                           args.eval_iters * args.global_batch_size if eval_runs else 0, 0])
     if train_ds is None and args.train_iters > 0 and not args.skip_train:
-        raise ValueError(f"--split {args.split} leaves no training data")
+        raise UserError(f"--split {args.split} leaves no training data")
     if (eval_runs or args.skip_train) and valid_ds is None:
-        raise ValueError(f"evaluation is asked for but --split {args.split} leaves no validation "
+        raise UserError(f"evaluation is asked for but --split {args.split} leaves no validation "
                          "data")
-    objective = build_objective(args, device, plat.is_cpu)
+    objective = objectives.get(args.objective).build(args, device)
     return TrainingSetup(args, model, optimizer, scheduler, objective, train_ds, valid_ds, layout,
                          iteration)
-
-
-def build_objective(args: argparse.Namespace, device: torch.device, on_cpu: bool):
-    if args.objective != "preference":
-        return LanguageModelingObjective(device)
-    from megatron_ext.preference_loss import PreferenceLossConfig
-    from megatron_ext.preference_objective import PreferenceObjective
-
-    # Branch masks: flex and blockwise implement them; te is refused by plan_attention.
-    return PreferenceObjective(device, PreferenceLossConfig.from_args(args))
 
 
 def embedding_rows(args: argparse.Namespace, tokenizer) -> int:
@@ -308,10 +270,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = arguments.parse(argv)
     try:
         return _run(args)
-    except (checkpointing.CheckpointError, ValueError) as err:
-        # Input problems (bad checkpoint, empty split...): one clear line, not a traceback per rank.
-        print(f"megatron_ext.train: error: {err}", file=sys.stderr, flush=True)
-        return 1
+    except UserError as err:
+        # Input problems (bad checkpoint, empty split...): one clear line, not a traceback per
+        # rank. Anything else is a bug and keeps its traceback.
+        return report("megatron_ext.train", err)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -114,9 +114,9 @@ def test_layout_validation_names_the_flag():
 
     spec = read_hf_config(SMOLLM2_V5)
     check_layout(spec, 3, 5)
-    with pytest.raises(ConversionError, match="--tensor-model-parallel-size 2"):
+    with pytest.raises(ConversionError, match=r"--tensor-model-parallel-size \(2\)"):
         check_layout(spec, 2, 1)  # 9 heads, 3 groups
-    with pytest.raises(ConversionError, match="--pipeline-model-parallel-size 4"):
+    with pytest.raises(ConversionError, match=r"--pipeline-model-parallel-size \(4\)"):
         check_layout(spec, 1, 4)  # 30 layers
 
 

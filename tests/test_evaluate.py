@@ -354,7 +354,7 @@ def test_bad_input_is_refused_early(smollm2_megatron, eval_jsonl, tmp_path, caps
         (["--tasks", "passkey,nope"], "unknown nope"),
         (["--lengths", "1K,x"], "'x' is not a token count"),
         (["--lengths", "16384"], "exceeds --max-position-embeddings (8192)"),
-        (["--lengths", "1030", "--context-parallel-size", "2"], "not divisible by 2 x"),
+        (["--lengths", "1030", "--context-parallel-size", "2"], "must be divisible by 2 x"),
         (["--depths", "0.5,1.5"], "--depths must be fractions in [0, 1]"),
         (["--num-samples", "0"], "--num-samples must be >= 1"),
         (["--load", str(tmp_path)], "no latest_checkpointed_iteration.txt"),

@@ -8,7 +8,8 @@ import numpy as np
 from launch import run
 from megatron_ext.arguments import parse
 from megatron_ext.data import token_flags
-from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
+from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
+from megatron_ext.objectives import datasets_from_args
 from megatron_ext.data.tokenizer import build_tokenizer
 
 

@@ -344,7 +344,7 @@ def test_bad_flags_are_refused_early(pref_data, demo_data):
 
 def test_rows_that_do_not_fit_are_an_error(pref_data, tmp_path):
     from megatron_ext.data.tokenizer import build_tokenizer
-    from megatron_ext.data.gpt_data import datasets_from_args
+    from megatron_ext.objectives import datasets_from_args
 
     prefix, hf_dir, longest = pref_data
     tokenizer = build_tokenizer("HuggingFaceTokenizer", hf_dir)

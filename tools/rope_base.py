@@ -1,85 +1,15 @@
 """Static RoPE base for context extension: the dynamic-NTK formula evaluated once at the target.
 
-    python tools/rope_base.py --rotary-base 500000 --original-seq-length 8192 \
-        --target-seq-length 81920 --head-dim 128                      # -> 48.9M (factor 10)
-    python tools/rope_base.py --hf-config SmolLM2/ --target-seq-length 32768
-
-base' = base * ((factor * T / L) - (factor - 1)) ** (d / (d - 2)), factor defaulting to T / L.
-Prints the base and the megatron_ext.train flags to use. Dynamic RoPE scaling recomputes the base
-from each batch's largest position id, which skip-wise positions (PoSE, LongRecipe) change per
-sample: train and serve with this fixed base instead.
+The command lives in ``megatron_ext/commands/rope_base.py`` (also installed as the console command
+``megatron-rope-base``); this file keeps Megatron-LM's ``python tools/X.py`` habit.
 """
 
-import argparse
-import json
 import sys
 
 import _bootstrap  # noqa: F401  (makes megatron_ext importable from a source checkout)
 
-from megatron_ext.model.rope_base import (RopeBaseError, megatron_flags, ntk_rope_base,
-                                          read_hf_rope_settings)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-config", default=None,
-                   help="HF folder or config.json: reads the base (rope_theta), the rotary head "
-                        "dim and the original context (max_position_embeddings); the flags below "
-                        "override what it says")
-    p.add_argument("--rotary-base", type=float, default=None, help="the model's RoPE base (theta)")
-    p.add_argument("--original-seq-length", type=int, default=None,
-                   help="context the model was trained for (L)")
-    p.add_argument("--target-seq-length", type=int, required=True,
-                   help="context to extend to (T); becomes --max-position-embeddings")
-    p.add_argument("--factor", type=float, default=None,
-                   help="dynamic-NTK scaling factor (default T / L, as in LongRecipe's table)")
-    p.add_argument("--head-dim", type=int, default=None, help="rotary dimension per head (d)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    notes = []
-    try:
-        base, head_dim, original = args.rotary_base, args.head_dim, args.original_seq_length
-        if args.hf_config:
-            found = read_hf_rope_settings(args.hf_config)
-            notes += list(found.notes)
-            base = found.rotary_base if base is None else base
-            head_dim = found.head_dim if head_dim is None else head_dim
-            original = found.original_seq_length if original is None else original
-        missing = [flag for flag, value in (("--rotary-base", base), ("--head-dim", head_dim),
-                                            ("--original-seq-length", original)) if value is None]
-        if missing:
-            raise RopeBaseError(f"missing {', '.join(missing)} (give them, or --hf-config)")
-        factor = args.factor if args.factor is not None else args.target_seq_length / original
-        new_base = ntk_rope_base(base, original, args.target_seq_length, head_dim, factor)
-    except RopeBaseError as err:
-        print(f"rope_base.py: error: {err}", file=sys.stderr)
-        return 2
-    flags = megatron_flags(new_base, args.target_seq_length)
-    if args.json:
-        print(json.dumps({"rotary_base": new_base, "original_rotary_base": base,
-                          "head_dim": head_dim, "original_seq_length": original,
-                          "target_seq_length": args.target_seq_length, "factor": factor,
-                          "megatron_flags": flags, "notes": notes}))
-        return 0
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"rotary base {base:g} -> {new_base:.1f} (L={original}, T={args.target_seq_length}, "
-          f"factor={factor:g}, head dim {head_dim})")
-    print(f"megatron_ext.train flags: {' '.join(flags)}")
-    print(f"HF config.json: rope_theta={new_base:.1f}, max_position_embeddings="
-          f"{args.target_seq_length}, no rope_scaling")
-    print("warning: use this fixed base; do not use dynamic RoPE scaling (or add "
-          "--use-rope-scaling / --rotary-seq-len-interpolation-factor) with skip-wise positions "
-          "(--position-scheme pose|longrecipe): dynamic scaling recomputes the base from each "
-          "batch's largest position id, so every sample would be rotated differently",
-          file=sys.stderr)
-    return 0
-
+from megatron_ext.commands.rope_base import *  # noqa: F401,F403  (main, build_parser, ...)
+from megatron_ext.commands.rope_base import main
 
 if __name__ == "__main__":
     sys.exit(main())

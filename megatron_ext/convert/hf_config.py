@@ -18,11 +18,9 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from megatron_ext.convert.tables import Family, family_for
-
-
-class ConversionError(ValueError):
-    """Bad or unsupported input; the message names the field or tensor and what to do."""
+from megatron_ext.convert.errors import ConversionError  # noqa: F401 (re-exported)
+from megatron_ext.convert.tables import FAMILIES, Family, family_for
+from megatron_ext.layout import HF_NAMES, Layout
 
 
 # Llama-3.x RoPE scaling as Megatron's flags express it (--use-rope-scaling,
@@ -212,17 +210,10 @@ def model_flags(config, make_vocab_size_divisible_by: int = 128) -> List[str]:
 
 
 def check_layout(spec: ModelSpec, tp: int, pp: int) -> None:
-    """Raise ConversionError unless TP/PP fit this model (Megatron's divisibility rules)."""
-    rules = [
-        (spec.num_attention_heads, tp, "num_attention_heads", "--tensor-model-parallel-size"),
-        (spec.num_query_groups, tp, "num_key_value_heads", "--tensor-model-parallel-size"),
-        (spec.ffn_hidden_size, tp, "intermediate_size", "--tensor-model-parallel-size"),
-        (spec.num_layers, pp, "num_hidden_layers", "--pipeline-model-parallel-size"),
-    ]
-    for value, size, field, flag in rules:
-        if size < 1 or value % size != 0:
-            raise ConversionError(f"{flag} {size} does not divide {field} ({value}); "
-                                  f"choose a divisor of {value}")
+    """Raise ConversionError unless TP/PP fit this model (the training layout's rules)."""
+    Layout(tp, pp, error=ConversionError).check_model(
+        heads=spec.num_attention_heads, groups=spec.num_query_groups, ffn=spec.ffn_hidden_size,
+        layers=spec.num_layers, names=HF_NAMES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -249,8 +240,6 @@ def spec_matches_model_args(spec: ModelSpec, model_args: Mapping[str, Any]) -> L
 
 def spec_from_model_args(model_args: Mapping[str, Any]) -> ModelSpec:
     """Best effort without a HF config: Qwen2 if QKV bias else Llama; vocab stays padded."""
-    from megatron_ext.convert.tables import FAMILIES
-
     family = FAMILIES["qwen2" if model_args.get("add_qkv_bias") else "llama"]
     return ModelSpec(
         family=family,

@@ -16,6 +16,7 @@ import dataclasses
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
+from megatron_ext.convert.errors import ConversionError
 from megatron_ext.convert.transforms import (FUSE_GATE_UP, FUSE_QKV, IDENTITY, PAD_VOCAB,
                                              Transform)
 
@@ -82,8 +83,6 @@ FAMILIES: Dict[str, Family] = {
 
 
 def family_for(architectures: Optional[Sequence[str]], model_type: Optional[str]) -> Family:
-    from megatron_ext.convert.hf_config import ConversionError
-
     for family in FAMILIES.values():
         if architectures and family.architecture in architectures:
             return family

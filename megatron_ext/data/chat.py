@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
+from megatron_ext.errors import UserError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError):
     pass
 
 

@@ -16,19 +16,15 @@ from typing import Dict, List, Mapping, Sequence, Tuple, TypeVar, Union
 import numpy as np
 import torch
 
+from megatron_ext.layout import Layout
+
 Array = Union[torch.Tensor, np.ndarray]
 BatchT = TypeVar("BatchT", bound=Mapping)
 
 
 def check_cp_divisible(seq_len: int, cp_size: int) -> None:
-    """The layout needs ``2 * cp_size`` equal chunks; say which flags to change when it cannot."""
-    if cp_size < 1:
-        raise ValueError(f"--context-parallel-size must be >= 1, got {cp_size}")
-    if seq_len % (2 * cp_size) != 0 and cp_size > 1:
-        raise ValueError(
-            f"sequence length {seq_len} (--seq-length) must be divisible by 2 x "
-            f"--context-parallel-size = {2 * cp_size} for the load-balanced context-parallel "
-            f"layout; pad the sequence or pick another --seq-length / --context-parallel-size")
+    """The layout needs ``2 * cp_size`` equal chunks; the error names the flags to change."""
+    Layout(cp=cp_size).check_sequence(seq_len)
 
 
 def _check_rank(cp_size: int, cp_rank: int) -> None:

@@ -18,6 +18,7 @@ import re
 from typing import Dict, List, Tuple
 
 from megatron_ext import assets
+from megatron_ext.errors import UserError
 
 QUESTION = 'In the references, which sentence comes right after: "{quoted}"?'
 MIN_SENTENCE_CHARS, MAX_SENTENCE_CHARS = 20, 300
@@ -155,7 +156,7 @@ def make_preference_rows(num_rows: int = 64, num_chunks: int = 8, chunk_chars: i
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     passages = austen_passages(chunk_chars)
     if num_chunks > len(passages):
-        raise ValueError(f"--num-chunks {num_chunks}: the novels give only {len(passages)} "
+        raise UserError(f"--num-chunks {num_chunks}: the novels give only {len(passages)} "
                          f"passages of --chunk-chars {chunk_chars}")
     rng = random.Random(seed)
     rows = []
@@ -166,7 +167,7 @@ def make_preference_rows(num_rows: int = 64, num_chunks: int = 8, chunk_chars: i
                 rows.append(row)
                 break
         else:
-            raise ValueError(f"could not find {num_rejected} distinct wrong retrievals for a row "
+            raise UserError(f"could not find {num_rejected} distinct wrong retrievals for a row "
                              f"in {_ATTEMPTS_PER_ROW} tries; raise --num-chunks or --chunk-chars, "
                              "or lower --num-rejected")
     return rows

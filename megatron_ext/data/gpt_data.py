@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
 from megatron_ext import parallel
 from megatron_ext.data.samples import AnnotatedGPTDataset, SampleConfig
+from megatron_ext.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def check_splits(prefixes: List[str], split: str, needed: List[bool]) -> None:
         counts = documents_per_split(total, split)
         for name, count, need in zip(SPLIT_NAMES, counts, needed):
             if need and count == 0:
-                raise ValueError(
+                raise UserError(
                     f"--split {split} gives the {name} split of {prefix} no documents (it has "
                     f"{total}); raise the {name} share of --split or add documents")
 
@@ -116,33 +116,13 @@ def build_gpt_datasets(
                                          config).build()
 
 
-def datasets_from_args(args, tokenizer, num_samples: List[int]):
-    """The datasets training reads, from its command-line flags (also used by inspect_batches)."""
-    if args.objective == "preference":
-        return build_preference_datasets(args, tokenizer, num_samples)
-    return build_gpt_datasets(
-        args.data_blend, args.split, args.seq_length, args.seed, tokenizer,
-        num_samples=num_samples,
-        cache_dir=args.data_cache_path,
-        eod_mask_loss=args.eod_mask_loss,
-        packed_documents=args.packed_documents,
-        sft=args.objective == "sft",
-        position_scheme=args.position_scheme,
-        target_seq_length=args.target_seq_length,
-        pose_num_chunks=args.pose_num_chunks,
-        longrecipe_contiguous_prefix=args.longrecipe_contiguous_prefix,
-    )
-
-
 def build_preference_datasets(args, tokenizer, num_samples: List[int]):
-    """[train, valid, test] preference datasets (None for a split nobody reads); fills
-    ``args.num_rejected`` from the data when it was not given."""
+    """[train, valid, test] preference datasets (None for a split nobody reads); the number of
+    rejected answers is ``args.num_rejected`` (filled from the data while the flags are read)."""
     from megatron_ext.data.preference_samples import (PreferenceConfig, PreferenceDataset,
                                                       PreferenceRows, split_rows)
 
     rows = PreferenceRows(args.data_blend[0][0])
-    if args.num_rejected is None:
-        args.num_rejected = int(rows.meta.get("min_rejected", 1))
     config = PreferenceConfig(
         seq_length=args.seq_length, num_rejected=args.num_rejected,
         layout=args.preference_packing, position_scheme=args.position_scheme,
@@ -154,7 +134,7 @@ def build_preference_datasets(args, tokenizer, num_samples: List[int]):
             datasets.append(None)
             continue
         if len(part) == 0:
-            raise ValueError(f"--split {args.split} gives the {name} split of {rows.prefix} no rows "
+            raise UserError(f"--split {args.split} gives the {name} split of {rows.prefix} no rows "
                              f"(it has {len(rows)}); raise the {name} share of --split")
         datasets.append(PreferenceDataset(rows, part, count, config, name))
     return datasets
@@ -191,6 +171,3 @@ class MicroBatchIterator:
     def consumed_samples(self) -> int:
         return self.iteration * self.layout.global_batch_size
 
-
-def token_count(batch: Dict[str, torch.Tensor]) -> int:
-    return int(np.prod(batch["tokens"].shape))

@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_ext.errors import UserError
+
 SCHEMES = ("contiguous", "pose", "longrecipe", "logo")
 
 
@@ -38,7 +40,7 @@ def _check_target(length: int, target_length: int) -> None:
     if length < 1:
         raise ValueError(f"a sample needs at least one token, got {length}")
     if target_length < length:
-        raise ValueError(f"--target-seq-length {target_length} is shorter than the sample "
+        raise UserError(f"--target-seq-length {target_length} is shorter than the sample "
                          f"({length} tokens); it must be >= --seq-length")
 
 
@@ -63,7 +65,7 @@ def pose(length: int, target_length: int, rng: np.random.Generator, num_chunks: 
     """PoSE position ids (paper definition; chunk lengths are a random split into positive parts)."""
     _check_target(length, target_length)
     if num_chunks < 1:
-        raise ValueError(f"--pose-num-chunks must be >= 1, got {num_chunks}")
+        raise UserError(f"--pose-num-chunks must be >= 1, got {num_chunks}")
     chunks = min(num_chunks, length)
     cuts = np.sort(rng.choice(np.arange(1, length), size=chunks - 1, replace=False)) \
         if chunks > 1 else np.empty(0, dtype=np.int64)
@@ -73,16 +75,6 @@ def pose(length: int, target_length: int, rng: np.random.Generator, num_chunks: 
     for i in range(1, chunks):  # u_i ~ U{u_(i-1) .. T-n}: non-decreasing, so ids stay increasing
         biases[i] = rng.integers(biases[i - 1], free + 1)
     return np.arange(length, dtype=np.int64) + np.repeat(biases, chunk_lengths)
-
-
-def segment_lengths_from_ends(segment_ends: np.ndarray) -> np.ndarray:
-    """Lengths of the segments of a sample from a per-token 'a segment ends after me' flag.
-
-    The sample's first segment may be the tail of a sentence and its last the head of one: the
-    sample's own edges are segment edges.
-    """
-    length = len(segment_ends)
-    return np.diff(np.concatenate(([0], _boundaries(segment_ends), [length])))
 
 
 def _boundaries(segment_ends: np.ndarray) -> np.ndarray:
@@ -142,7 +134,7 @@ def logo(segment_lengths: Sequence[int], answer_length: int, target_length: int,
     head, chunks, question = int(lengths[0]), lengths[1:-1], int(lengths[-1])
     slot = (target_length - head - question - answer_length) // len(chunks)
     if chunks.max() > slot:
-        raise ValueError(
+        raise UserError(
             f"a context chunk of {int(chunks.max())} tokens does not fit its slot of {slot} "
             f"positions ({len(chunks)} chunks, {question}-token question, answers up to "
             f"{answer_length} tokens in a {target_length}-position window): raise "
@@ -178,7 +170,7 @@ def position_ids(scheme: str, target_length: int, rng: Optional[np.random.Genera
         return pose(length, target_length, rng, pose_num_chunks)
     if scheme == "longrecipe":
         if segment_ends is None:
-            raise ValueError("--position-scheme longrecipe needs segment boundaries")
+            raise UserError("--position-scheme longrecipe needs segment boundaries")
         return _longrecipe(_boundaries(segment_ends), length, target_length, rng,
                            longrecipe_contiguous_prefix)
-    raise ValueError(f"--position-scheme {scheme!r}: expected one of {SCHEMES}")
+    raise UserError(f"--position-scheme {scheme!r}: expected one of {SCHEMES}")

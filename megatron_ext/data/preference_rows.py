@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from megatron_ext.data.chat import ROLES, render
+from megatron_ext.errors import UserError
 
 # Reasons a row is rejected; --skip-bad-rows counts skipped rows per reason.
 NOT_JSON = "not_json"
@@ -47,7 +48,7 @@ SENTINEL = "MEGATRONEXTUSERCONTENTSENTINEL"
 CONTEXT_SEPARATOR = "\n\n"
 
 
-class BadPreferenceRow(ValueError):
+class BadPreferenceRow(UserError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
@@ -236,7 +237,7 @@ class RowTokenizer:
                 + [{"role": "user", "content": SENTINEL}]
             rendered = self._render(messages, True)
             if rendered.count(SENTINEL) != 1:
-                raise ValueError("the chat template does not copy the user message verbatim into "
+                raise UserError("the chat template does not copy the user message verbatim into "
                                  "the prompt; use --no-chat-template")
             self._frames[system] = tuple(rendered.split(SENTINEL))
         return self._frames[system]

@@ -30,6 +30,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_ext.data import position_schemes, token_flags
+from megatron_ext.errors import UserError
 
 LAYOUTS = ("separate", "shared-prefix")
 IGNORE = -100
@@ -53,10 +54,6 @@ class PreferenceRow:
     prompt: np.ndarray
     segment_lengths: np.ndarray
     answers: List[np.ndarray]  # [chosen, rejected_1 .. rejected_M]
-
-
-def is_preference_data(prefix: str) -> bool:
-    return (token_flags.read_meta(prefix) or {}).get("kind") == "preference"
 
 
 class PreferenceRows:
@@ -92,7 +89,7 @@ class PreferenceRows:
         first = int(self.sequence_bounds[index])
         available = int(self.sequence_bounds[index + 1]) - first - 1
         if available < num_rejected + 1:
-            raise ValueError(f"row {index} of {self.prefix} has {available - 1} rejected answers, "
+            raise UserError(f"row {index} of {self.prefix} has {available - 1} rejected answers, "
                              f"fewer than --num-rejected {num_rejected}")
         prompt = np.array(self.tokens[first], dtype=np.int64)
         ends = np.flatnonzero(np.array(self.flags[first]) & token_flags.SEGMENT_END) + 1
@@ -115,7 +112,7 @@ def prompt_positions(row: PreferenceRow, scheme: str, target_length: Optional[in
     if scheme == "logo":
         longest = max(len(a) for a in row.answers)
         return position_schemes.logo(row.segment_lengths, longest, target_length, rng)
-    raise ValueError(f"--position-scheme {scheme!r} does not apply to preference data: use "
+    raise UserError(f"--position-scheme {scheme!r} does not apply to preference data: use "
                      "contiguous or logo")
 
 
@@ -158,7 +155,7 @@ class _Row:
         used = sum(len(t) for t in self.pieces["tokens"])
         pad = seq_length - used
         if pad < 0:
-            raise ValueError(f"row needs {used} tokens, more than --seq-length {seq_length}")
+            raise UserError(f"row needs {used} tokens, more than --seq-length {seq_length}")
         if pad:
             # Padding is its own document: it attends only to itself and is never scored.
             self.add(np.full(pad, pad_token), np.full(pad, IGNORE), np.arange(pad), pad_document,
@@ -206,7 +203,7 @@ def build_sample(row: PreferenceRow, positions: np.ndarray, layout: str, seq_len
         return separate_sample(row, positions, seq_length, pad_token)
     if layout == "shared-prefix":
         return shared_prefix_sample(row, positions, seq_length, pad_token)
-    raise ValueError(f"--preference-packing {layout!r}: expected one of {LAYOUTS}")
+    raise UserError(f"--preference-packing {layout!r}: expected one of {LAYOUTS}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,7 +249,7 @@ class PreferenceDataset:
         answers = self.data.answers_per_row()[self.rows] - 1
         if answers.min() < config.num_rejected:
             row = int(self.rows[np.argmin(answers)])
-            raise ValueError(f"--num-rejected {config.num_rejected}: row {row} of {self.data.prefix}"
+            raise UserError(f"--num-rejected {config.num_rejected}: row {row} of {self.data.prefix}"
                              f" has only {int(answers.min())} rejected answers")
         needed = np.array([layout_length(*self.data.lengths(int(r), config.num_rejected),
                                          config.layout) for r in self.rows])
@@ -260,7 +257,7 @@ class PreferenceDataset:
             worst = int(self.rows[np.argmax(needed)])
             too_long = int((needed > config.seq_length).sum())
             shared = ", use --preference-packing shared-prefix" if config.layout == "separate" else ""
-            raise ValueError(
+            raise UserError(
                 f"{too_long} of {len(self.rows)} {split_name} rows of {self.data.prefix} do not fit "
                 f"--seq-length {config.seq_length} in the {config.layout} layout (row {worst} needs "
                 f"{int(needed.max())} tokens); raise --seq-length{shared}, or preprocess with a "

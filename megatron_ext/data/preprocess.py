@@ -26,9 +26,10 @@ from tqdm import tqdm
 from megatron_ext.data import token_flags
 from megatron_ext.data.chat import ChatFormatError, check_messages, tokenize_conversation
 from megatron_ext.data.tokenizer import build_tokenizer, token_dtype
+from megatron_ext.errors import UserError
 
 
-class MalformedRow(ValueError):
+class MalformedRow(UserError):
     pass
 
 
@@ -155,7 +156,7 @@ def preprocess(
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     dtype = token_dtype(tokenizer.vocab_size)
     if segment_unit not in token_flags.SEGMENT_UNITS:
-        raise ValueError(f"--segment-unit {segment_unit!r}: expected one of "
+        raise UserError(f"--segment-unit {segment_unit!r}: expected one of "
                          f"{token_flags.SEGMENT_UNITS}")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     prefixes = {key: output_prefix_for(output_prefix, key) for key in json_keys}

@@ -28,6 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_ext.data import position_schemes, token_flags
+from megatron_ext.errors import UserError
 
 
 @dataclasses.dataclass
@@ -50,12 +51,12 @@ class AnnotatedGPTDataset(GPTDataset):
         self.flags = self._open_flags(dataset_path, indexed_dataset)
         self.meta = token_flags.read_meta(dataset_path) or {}
         if config.position_scheme == "longrecipe" and self.flags is None:
-            raise ValueError(
+            raise UserError(
                 f"--position-scheme longrecipe needs the sentence boundaries recorded at "
                 f"preprocessing, but {dataset_path} has no {token_flags.flags_prefix(dataset_path)}"
                 ".bin/.idx; re-run tools/preprocess_data.py on its source jsonl")
         if config.sft and self.meta.get("kind") != "chat":
-            raise ValueError(
+            raise UserError(
                 f"--objective sft trains on assistant turns of chat data, but {dataset_path} holds "
                 f"{self.meta.get('kind', 'data without a _meta.json record')}; preprocess jsonl "
                 "rows with a 'messages' field (tools/preprocess_data.py --json-keys messages)")
@@ -109,7 +110,7 @@ class AnnotatedGPTDataset(GPTDataset):
                 self.config.position_scheme, target, rng, length, segment_ends,
                 self.config.pose_num_chunks, self.config.longrecipe_contiguous_prefix)
             if ids[-1] >= target:  # ids increase: the last is the largest
-                raise ValueError(f"sample {idx}: position id {int(ids[-1])} is beyond "
+                raise UserError(f"sample {idx}: position id {int(ids[-1])} is beyond "
                                  f"--target-seq-length {target}")
             sample["position_ids"] = torch.from_numpy(ids)
         # contiguous: GPTDataset's own 0..n-1

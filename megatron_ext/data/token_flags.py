@@ -20,6 +20,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from megatron_ext.errors import UserError
+
 SEGMENT_END = 1
 DOCUMENT_END = 2
 TARGET = 4
@@ -54,7 +56,7 @@ def segment_end_table(tokenizer, unit: str) -> np.ndarray:
     pieces, byte-level BPE) and documents are flagged with one vectorised lookup.
     """
     if unit not in SEGMENT_UNITS:
-        raise ValueError(f"--segment-unit {unit!r}: expected one of {SEGMENT_UNITS}")
+        raise UserError(f"--segment-unit {unit!r}: expected one of {SEGMENT_UNITS}")
     table = np.zeros(tokenizer.vocab_size, dtype=bool)
     for token_id in range(tokenizer.vocab_size):
         table[token_id] = ends_segment(tokenizer.detokenize([token_id]), unit)

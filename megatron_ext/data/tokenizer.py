@@ -15,6 +15,8 @@ from typing import List
 import numpy as np
 from megatron.core.tokenizers.base_tokenizer import MegatronTokenizerBase
 
+from megatron_ext.errors import UserError
+
 
 class SentencePieceTokenizer(MegatronTokenizerBase):
     def __init__(self, model_file: str):
@@ -60,7 +62,7 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         self.bos = self._tok.bos_token_id
         self.eod = self._tok.eos_token_id
         if self.eod is None:
-            raise ValueError(f"--tokenizer-model {path}: the tokenizer defines no eos token, "
+            raise UserError(f"--tokenizer-model {path}: the tokenizer defines no eos token, "
                              "which Megatron uses as end-of-document")
         self.pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else -1
 
@@ -87,7 +89,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> MegatronTokeni
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
-    raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported: use "
+    raise UserError(f"--tokenizer-type {tokenizer_type!r} is not supported: use "
                      "SentencePieceTokenizer or HuggingFaceTokenizer")
 
 

@@ -16,11 +16,13 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from megatron_ext import arguments, checkpointing
 from megatron_ext.model import attention_backends
-from megatron_ext.evaluate.corpus import CorpusError
+from megatron_ext.errors import UserError, report
+from megatron_ext.layout import Layout, launched_world_size
+from megatron_ext.evaluate.options import parse_depths, parse_lengths  # noqa: F401 (public)
 from megatron_ext.evaluate.tasks import DEFAULT_DEPTHS, TASKS, EvalConfig
 
 PROG = "python -m megatron_ext.evaluate"
@@ -65,57 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_lengths(text: str, flag: str = "--lengths") -> List[int]:
-    """``"512,1K,64k"`` -> [512, 1024, 65536]."""
-    lengths = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        scale = 1024 if part[-1] in "kK" else 1
-        digits = part[:-1] if scale > 1 else part
-        if not digits.isdigit():
-            raise arguments.ArgumentError(f"{flag}: {part!r} is not a token count (e.g. 2048 or 2K)")
-        lengths.append(int(digits) * scale)
-    if not lengths:
-        raise arguments.ArgumentError(f"{flag} is empty")
-    return lengths
-
-
-def parse_depths(text: str, flag: str = "--depths") -> List[float]:
-    try:
-        return [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise arguments.ArgumentError(f"{flag}: {text!r} is not a list of fractions like "
-                                      f"0,0.5,1") from None
-
-
 def finalize_model_args(args: argparse.Namespace, world_size: int) -> None:
     """The model and layout part of training's ``arguments.finalize`` (which also insists on
-    training data): derived defaults plus the divisibility rules, same messages."""
-    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.context_parallel_size)
-    for flag, value in (("--tensor-model-parallel-size", tp),
-                        ("--pipeline-model-parallel-size", pp), ("--context-parallel-size", cp)):
-        if value < 1:
-            raise arguments.ArgumentError(f"{flag} must be >= 1, got {value}")
-    if world_size % (tp * pp * cp) != 0:
-        raise arguments.ArgumentError(
-            f"world size {world_size} is not divisible by TP x PP x CP = {tp * pp * cp}; launch a "
-            f"multiple of {tp * pp * cp} processes or change those flags")
-    args.data_parallel_size, args.world_size = world_size // (tp * pp * cp), world_size
-    if args.num_query_groups is None:
-        args.num_query_groups = args.num_attention_heads
-    for what, value in (("--num-attention-heads", args.num_attention_heads),
-                        ("--num-query-groups", args.num_query_groups)):
-        if value % tp != 0:
-            raise arguments.ArgumentError(f"{what} ({value}) must be divisible by "
-                                          f"--tensor-model-parallel-size ({tp})")
-    if args.kv_channels is None:
-        args.kv_channels = args.hidden_size // args.num_attention_heads
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = (((int(8 * args.hidden_size / 3) + 63) // 64) * 64 if args.swiglu
-                                else 4 * args.hidden_size)
-    if args.num_layers % pp != 0:
-        raise arguments.ArgumentError(f"--num-layers ({args.num_layers}) must be divisible by "
-                                      f"--pipeline-model-parallel-size ({pp})")
+    training data): the same derived defaults and the same ``Layout`` rules."""
+    layout = Layout.from_args(args, world_size)
+    args.data_parallel_size, args.world_size = layout.dp, world_size
+    arguments.derive_model_defaults(args)
+    layout.check_model(heads=args.num_attention_heads, groups=args.num_query_groups,
+                       ffn=args.ffn_hidden_size, layers=args.num_layers)
     if args.bf16 and args.fp16:
         raise arguments.ArgumentError("--bf16 and --fp16 are mutually exclusive")
     # Answer positions are picked from each rank's whole slice; sequence parallelism would split
@@ -132,12 +91,9 @@ def finalize(args: argparse.Namespace, world_size: int) -> EvalConfig:
                         lengths=lengths, depths=parse_depths(args.depths),
                         num_samples=args.num_samples, seed=args.seed,
                         bucket_size=args.bucket_size, chat_template=args.chat_template)
-    cp = args.context_parallel_size
+    layout = Layout.from_args(args, world_size)
     for length in lengths:
-        if cp > 1 and length % (2 * cp) != 0:
-            raise arguments.ArgumentError(
-                f"--lengths {length} is not divisible by 2 x --context-parallel-size = {2 * cp} "
-                f"(the load-balanced context-parallel layout); pick multiples of {2 * cp}")
+        layout.check_sequence(length, flag="--lengths")
     args.seq_length = max(lengths)
     # Forward passes only: flex may run on CPU here. Checked before any process group exists.
     attention_backends.plan_attention(args, on_cpu=arguments.device_is_cpu(args), training=False,
@@ -240,14 +196,12 @@ def evaluate(args: argparse.Namespace, config: EvalConfig) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     try:
-        config = finalize(args, world_size)
-    except (arguments.ArgumentError, ValueError) as err:
+        config = finalize(args, launched_world_size())
+    except UserError as err:
         parser.error(str(err))
     try:
         return evaluate(args, config)
-    except (checkpointing.CheckpointError, CorpusError, ValueError) as err:
+    except UserError as err:
         # Input problems found after start-up: one clear line per rank, not a traceback.
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-        return 1
+        return report(PROG, err)

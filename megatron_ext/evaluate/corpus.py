@@ -18,8 +18,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from megatron_ext.errors import UserError
 
-class CorpusError(ValueError):
+
+class CorpusError(UserError):
     """Unusable --eval-data; the message names the file (and line) and the fix."""
 
 

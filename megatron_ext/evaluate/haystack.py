@@ -28,6 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.evaluate.corpus import CorpusError
+from megatron_ext.errors import UserError
 
 SENTENCE_ENDS = (".", "!", "?", "\n", '."', '!"', '?"', ".'", "!'", "?'")
 _KEY_WORD = re.compile(r"\b[a-z]{6,12}\b")
@@ -258,7 +259,7 @@ class HaystackBuilder:
         filler_count = length - len(head) - len(tail) - len(answer) - sum(map(len, needles))
         if filler_count < MIN_FILLER_TOKENS:
             needed = length - filler_count + MIN_FILLER_TOKENS
-            raise ValueError(f"--lengths {length} is too short for {task}: its prompt, needles "
+            raise UserError(f"--lengths {length} is too short for {task}: its prompt, needles "
                              f"and answer take {length - filler_count} tokens; use lengths of at "
                              f"least {needed}")
         context, source = self._filler(filler_count, rng)

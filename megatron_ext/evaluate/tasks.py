@@ -19,6 +19,7 @@ import numpy as np
 
 from megatron_ext.evaluate import ppl_by_position
 from megatron_ext.evaluate.haystack import NEEDLE_TASKS, HaystackBuilder
+from megatron_ext.errors import UserError
 
 PPL_TASK = "ppl-by-position"
 TASKS = (PPL_TASK,) + NEEDLE_TASKS
@@ -40,24 +41,24 @@ class EvalConfig:
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+            raise UserError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
         if not self.tasks:
-            raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
+            raise UserError(f"--tasks is empty; choose from {', '.join(TASKS)}")
         if not self.lengths or any(n < 2 for n in self.lengths):
-            raise ValueError(f"--lengths must be positive token counts >= 2, got {self.lengths}")
+            raise UserError(f"--lengths must be positive token counts >= 2, got {self.lengths}")
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"--depths must be fractions in [0, 1], got {self.depths}")
+            raise UserError(f"--depths must be fractions in [0, 1], got {self.depths}")
         for flag, values in (("--tasks", self.tasks), ("--lengths", self.lengths),
                              ("--depths", self.depths)):
             repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
             if repeated:
                 raise ValueError(f"{flag} lists {', '.join(map(str, repeated))} more than once")
         if self.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
+            raise UserError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.bucket_size is None:
             self.bucket_size = ppl_by_position.default_bucket_size(self.lengths)
         if self.bucket_size < 1:
-            raise ValueError(f"--bucket-size must be >= 1, got {self.bucket_size}")
+            raise UserError(f"--bucket-size must be >= 1, got {self.bucket_size}")
 
 
 def run_needle_task(runner, builder: HaystackBuilder, tokenizer, task: str, lengths: Sequence[int],

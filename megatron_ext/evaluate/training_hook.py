@@ -19,8 +19,9 @@ import argparse
 import os
 from typing import Dict, List, Optional
 
-from megatron_ext.evaluate.cli import parse_depths, parse_lengths
+from megatron_ext.evaluate.options import parse_depths, parse_lengths
 from megatron_ext.evaluate.tasks import TASKS, EvalConfig, flat_metrics
+from megatron_ext.errors import UserError
 
 _CACHE: Dict[tuple, tuple] = {}  # (tokenizer, data) -> (tokenizer, corpus): tokenize once per run
 
@@ -81,18 +82,18 @@ def eval_config(args: argparse.Namespace) -> Optional[EvalConfig]:
     if not getattr(args, "eval_tasks", None):
         return None
     if not args.eval_tasks_data:
-        raise ValueError("--eval-tasks needs --eval-tasks-data (a held-out jsonl with 'text' rows "
+        raise UserError("--eval-tasks needs --eval-tasks-data (a held-out jsonl with 'text' rows "
                          "or an indexed-dataset prefix)")
     if not getattr(args, "eval_interval", None):
-        raise ValueError("--eval-tasks runs at --eval-interval; set --eval-interval N")
+        raise UserError("--eval-tasks runs at --eval-interval; set --eval-interval N")
     lengths = args.eval_lengths or [args.seq_length]
     cp = args.context_parallel_size
     for length in lengths:
         if length > args.max_position_embeddings:
-            raise ValueError(f"--eval-lengths {length} exceeds --max-position-embeddings "
+            raise UserError(f"--eval-lengths {length} exceeds --max-position-embeddings "
                              f"({args.max_position_embeddings})")
         if cp > 1 and length % (2 * cp) != 0:
-            raise ValueError(f"--eval-lengths {length} is not divisible by 2 x "
+            raise UserError(f"--eval-lengths {length} is not divisible by 2 x "
                              f"--context-parallel-size = {2 * cp}")
     return EvalConfig(tasks=list(args.eval_tasks), lengths=list(lengths),
                       depths=list(args.eval_depths), num_samples=args.eval_num_samples,
@@ -121,7 +122,7 @@ def run_during_training(model, args: argparse.Namespace, iteration: int, writer)
         return {}
     chunks = model if isinstance(model, (list, tuple)) else [model]
     if len(chunks) != 1:
-        raise ValueError("--eval-tasks supports one model chunk per rank (no virtual pipeline "
+        raise UserError("--eval-tasks supports one model chunk per rank (no virtual pipeline "
                          "stages)")
     module = unwrap(chunks[0])
     tokenizer, corpus = _tokenizer_and_corpus(args)

@@ -7,11 +7,11 @@ import sys
 
 import torch
 
+from megatron_ext.dtypes import ALIASES, DTYPES
 from megatron_ext.ladm.delta_ppl import ProlongScorer
 from megatron_ext.ladm.scores_io import InputError
 from megatron_ext.ladm.scoring import CdsScorer, CdsSettings
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -24,6 +24,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU, fp32 on CPU (where bf16 matmuls are slow)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = ALIASES.get(name, name)
     if name not in DTYPES:
         raise InputError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]

@@ -18,8 +18,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, List, Optional, Set, Tuple
 
+from megatron_ext.errors import UserError
 
-class InputError(ValueError):
+
+class InputError(UserError):
     """Bad input; the message names the file, line or flag at fault and how to fix it."""
 
 

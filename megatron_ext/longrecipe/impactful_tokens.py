@@ -34,11 +34,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.longrecipe import token_classes as tc
+from megatron_ext.errors import UserError
 
 MIN_TOKENS_PER_BUCKET = 50
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError):
     """Bad input for the analysis; the message names the flag, file or row."""
 
 
@@ -83,13 +84,14 @@ def read_documents(path: str, text_key: str = "text", id_key: str = "id",
 # Scoring
 # ------------------------------------------------------------------------------------------
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
-    import torch
+def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
+
+    from megatron_ext.dtypes import torch_dtype
 
     if not os.path.exists(os.path.join(path, "config.json")):
         raise AnalysisError(f"{path}: not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     return model.to(device).eval()
 
 
@@ -260,7 +262,7 @@ def build_report(docs: List[DocumentDeltas], tokenizer, top_fraction: float,
 
 def analyze(base_model: str, extended_model: str, input_path: str, text_key: str = "text",
             max_tokens: int = 2048, num_docs: int = 16, top_fraction: float = 0.2,
-            width: Optional[int] = None, dtype: str = "float32", device: str = "cpu",
+            width: Optional[int] = None, dtype: str = "fp32", device: str = "cpu",
             spacy_model: str = "en_core_web_sm", progress: bool = True) -> dict:
     """Score ``num_docs`` documents with both models and build the report (see module doc)."""
     if max_tokens < 2:

@@ -36,8 +36,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.longrecipe import token_classes as tc
+from megatron_ext.errors import UserError
 
-SENTENCES, LINES = "sentences", "lines"
+SENTENCES, LINES = "sentence", "line"  # as preprocess_data.py's --segment-unit
 # Words whose trailing period does not end a sentence ("Mr. Knightley").
 ABBREVIATIONS = frozenset("""
 mr mrs ms dr st jr sr prof rev gen col capt lt sgt hon messrs mme mlle vs etc e.g i.e cf al fig
@@ -47,7 +48,7 @@ _CLOSERS = "\"')]}”’»"
 _WHITESPACE_RUN = re.compile(r"\s+")
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError):
     """Bad input; the message names the flag, file or row."""
 
 
@@ -77,7 +78,7 @@ def split_sentences(text: str, unit: str = SENTENCES,
 
     Boundaries are the paper's delimiters ". ! ? \\n": a sentence ends after . ! ? (and closing
     quotes or brackets) followed by whitespace, and at a newline. With ``wrapped_lines`` (books
-    with hard line breaks) only blank lines and punctuation end sentences; ``unit="lines"`` ends
+    with hard line breaks) only blank lines and punctuation end sentences; ``unit="line"`` ends
     segments at newlines only (code). The whitespace between two sentences starts the second, so
     any selection of sentences joins with the spacing of the source (no "end.Next" when the
     sentence in between is dropped), and byte-level BPE tokenizers, which attach a space to the
@@ -195,7 +196,7 @@ class SentenceSelector:
                                  f"{', '.join(unknown) or '(empty)'}; choose from "
                                  f"{', '.join(tc.WORD_CLASSES)}")
         if unit not in (SENTENCES, LINES):
-            raise SelectionError(f"--segment-by {unit!r}: use {SENTENCES} or {LINES}")
+            raise SelectionError(f"--segment-unit {unit!r}: use {SENTENCES} or {LINES}")
         self.tokenize = tokenize
         self.target = target_seq_length
         self.budget = max(1, round(budget_ratio * target_seq_length))

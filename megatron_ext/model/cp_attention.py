@@ -41,6 +41,7 @@ from torch import Tensor
 from megatron_ext.comm import all_gather_seq
 from megatron_ext.data.context_parallel import cp_chunk_spans
 from megatron_ext.model.attention_backends import DEFAULT_BLOCK_TOKENS
+from megatron_ext.errors import UserError
 
 # ------------------------------------------------------------------------------------------------
 # How document ids reach core attention
@@ -155,7 +156,7 @@ def check_core_attention_config(config: TransformerConfig, attention_type: str,
     """What our core attentions do not implement, refused when the layer is built."""
     dropout = config.attention_dropout if attention_dropout is None else attention_dropout
     if dropout:
-        raise ValueError(f"the {backend} attention backend does not implement attention dropout "
+        raise UserError(f"the {backend} attention backend does not implement attention dropout "
                          f"(got {dropout}); set --attention-dropout 0 (long-context training "
                          f"uses 0) or use --attention-backend te")
     if attention_type != "self":
@@ -526,7 +527,7 @@ class ContextParallelCoreAttention(MegatronModule):
         self.cp_group = _cp_group_from(pg_collection)
         group_size = 1 if self.cp_group is None else self.cp_group.size()
         if group_size != config.context_parallel_size:
-            raise ValueError(f"context-parallel group has {group_size} ranks but "
+            raise UserError(f"context-parallel group has {group_size} ranks but "
                              f"--context-parallel-size is {config.context_parallel_size}")
 
     def _cp_size_and_rank(self):

@@ -20,8 +20,10 @@ import json
 import os
 from typing import Any, List, Mapping, Optional, Union
 
+from megatron_ext.errors import UserError
 
-class RopeBaseError(ValueError):
+
+class RopeBaseError(UserError):
     """Invalid input; the message names the value and what to change."""
 
 

@@ -27,6 +27,8 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor, nn
 
+from megatron_ext.errors import UserError
+
 ROPE_TYPES = ("linear", "llama3")
 
 
@@ -83,7 +85,7 @@ def rope_scaling_from_megatron(rope_scaling: bool = False, rope_scaling_factor: 
     linear.
     """
     if rope_scaling and seq_len_interpolation_factor:
-        raise ValueError("--use-rope-scaling and --rotary-seq-len-interpolation-factor are "
+        raise UserError("--use-rope-scaling and --rotary-seq-len-interpolation-factor are "
                          "alternatives (llama3 vs linear RoPE scaling); pass one of them")
     if rope_scaling:
         return RopeScaling("llama3", float(rope_scaling_factor))
@@ -163,7 +165,7 @@ class PositionIdsRotaryEmbedding(nn.Module):
             return
         lowest, highest = (int(v) for v in torch.aminmax(position_ids))
         if lowest < 0 or highest >= self.max_position_embeddings:
-            raise ValueError(
+            raise UserError(
                 f"position ids span [{lowest}, {highest}] but must lie in [0, "
                 f"{self.max_position_embeddings - 1}] (--max-position-embeddings "
                 f"{self.max_position_embeddings}); raise --max-position-embeddings or fix the "

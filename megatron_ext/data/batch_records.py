@@ -20,8 +20,10 @@ import numpy as np
 
 from megatron_ext.data import token_flags
 from megatron_ext.data.context_parallel import cp_token_indices
-from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, datasets_from_args
+from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
+from megatron_ext.objectives import datasets_from_args
 from megatron_ext.data.tokenizer import build_tokenizer
+from megatron_ext.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 
@@ -32,7 +34,7 @@ def sample_records(args, num_samples: int, split: str = "train", decode: bool = 
     sizes = [num_samples if name == split else 0 for name in SPLITS]
     dataset = datasets_from_args(args, tokenizer, sizes)[SPLITS.index(split)]
     if dataset is None:
-        raise ValueError(f"--split {args.split} leaves the {split} split without documents")
+        raise UserError(f"--split {args.split} leaves the {split} split without documents")
     if args.objective == "preference":
         yield from _preference_records(dataset, num_samples, args, tokenizer if decode else None)
         return

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.comm import sum_over_group
+from megatron_ext.errors import UserError
 
 METRICS = ("pref_loss", "sft_loss", "rewards/chosen", "rewards/rejected", "margin", "accuracy")
 
@@ -61,7 +62,7 @@ def preference_losses(mean_log_probs: torch.Tensor, config: PreferenceLossConfig
     """Per-row losses and metrics from ``mean_log_probs`` [batch, 1 + M] (s of each answer)."""
     chosen, rejected = mean_log_probs[:, 0], mean_log_probs[:, 1:].mean(dim=1)
     if config.loss not in ("logo", "simpo"):
-        raise ValueError(f"--preference-loss {config.loss!r}: expected logo or simpo")
+        raise UserError(f"--preference-loss {config.loss!r}: expected logo or simpo")
     logits = config.beta * (chosen - rejected) - config.gamma
     pref = -F.logsigmoid(logits)
     sft = -chosen

@@ -28,7 +28,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_ext.data.context_parallel import slice_for_cp
 from megatron_ext.model.cp_attention import DocumentMaskParams
 from megatron_ext.model.output_rows import OutputRows
-from megatron_ext.preference_loss import (METRICS, PreferenceLossConfig, answer_log_prob_sums,
+from megatron_ext.objectives.preference_loss import (METRICS, PreferenceLossConfig, answer_log_prob_sums,
                                           preference_losses)
 
 LOSS_KEY = "preference loss"

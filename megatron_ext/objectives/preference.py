@@ -1,0 +1,100 @@
+"""Preference alignment (LOGO, SimPO): chosen vs rejected answers of rows written by
+``tools/preprocess_preference.py``; the per-micro-batch strategy is ``preference_step.py``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import List
+
+from megatron_ext.data import token_flags
+from megatron_ext.data.blend import parse_data_path
+from megatron_ext.errors import ArgumentError
+
+# Per-loss defaults: LOGO's released Llama-3 recipe (beta 10, gamma/beta 0.3, SFT weight 0.1) and
+# SimPO's own defaults (beta 2, gamma/beta 0.25, no SFT term).
+PREFERENCE_DEFAULTS = {"logo": {"beta": 10.0, "gamma_beta_ratio": 0.3, "sft_weight": 0.1},
+                       "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.25, "sft_weight": 0.0}}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The preference flags (the training parser adds them; on with preference data)."""
+    g = p.add_argument_group("preference alignment (data from tools/preprocess_preference.py)")
+    g.add_argument("--preference-loss", choices=sorted(PREFERENCE_DEFAULTS), default="logo",
+                   help="logo: -log sigmoid(beta * (s_chosen - mean_j s_rejected_j) - gamma) + "
+                        "sft_weight * CE(chosen), s = mean token log-prob of an answer; simpo: the "
+                        "same with one rejected answer (--num-rejected 1)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="reward scale (default: 10 for logo, 2 for simpo)")
+    margin = g.add_mutually_exclusive_group()
+    margin.add_argument("--gamma", type=float, default=None,
+                        help="absolute reward margin gamma (TRL's simpo_gamma)")
+    margin.add_argument("--gamma-beta-ratio", type=float, default=None,
+                        help="margin as gamma / beta, SimPO's and LOGO's convention (default 0.3 "
+                             "for logo, 0.25 for simpo)")
+    g.add_argument("--sft-weight", type=float, default=None,
+                   help="weight of the chosen answer's token-mean cross entropy (default 0.1 for "
+                        "logo, 0 for simpo)")
+    g.add_argument("--num-rejected", type=int, default=None,
+                   help="rejected answers per row (default: all that every row has; 1 for simpo)")
+    g.add_argument("--preference-packing", choices=["separate", "shared-prefix"],
+                   default="shared-prefix",
+                   help="shared-prefix: the prompt once, the answers as branches attending to it "
+                        "and to themselves (same losses, a fraction of the compute); separate: "
+                        "one prompt copy per answer")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceAlignment:
+    name: str = "preference"
+
+    def validate(self, args) -> None:
+        """Loss defaults (per --preference-loss), the number of rejected answers (from the data
+        when not given) and what does not combine with preference data."""
+        if len(parse_data_path(args.data_path)[0]) != 1:
+            raise ArgumentError("--data-path: preference training reads one preference dataset "
+                                "(preprocess several jsonl files together with --input a b c)")
+        defaults = PREFERENCE_DEFAULTS[args.preference_loss]
+        if args.beta is None:
+            args.beta = defaults["beta"]
+        if args.gamma is None:
+            ratio = (args.gamma_beta_ratio if args.gamma_beta_ratio is not None
+                     else defaults["gamma_beta_ratio"])
+            args.gamma = args.beta * ratio
+        if args.sft_weight is None:
+            args.sft_weight = defaults["sft_weight"]
+        if args.beta <= 0:
+            raise ArgumentError(f"--beta must be > 0, got {args.beta}")
+        if args.sft_weight < 0:
+            raise ArgumentError(f"--sft-weight must be >= 0, got {args.sft_weight}")
+        if args.num_rejected is None and args.preference_loss == "simpo":
+            args.num_rejected = 1
+        if args.num_rejected is None:  # what every row of the data has
+            meta = token_flags.read_meta(parse_data_path(args.data_path)[0][0]) or {}
+            args.num_rejected = int(meta.get("min_rejected", 1))
+        if args.num_rejected < 1:
+            raise ArgumentError(f"--num-rejected must be >= 1, got {args.num_rejected}")
+        if args.preference_loss == "simpo" and args.num_rejected != 1:
+            raise ArgumentError("--preference-loss simpo compares one chosen and one rejected "
+                                "answer: --num-rejected 1 (or use --preference-loss logo for M > 1)")
+        if args.position_scheme not in ("contiguous", "logo"):
+            raise ArgumentError(f"--position-scheme {args.position_scheme} is for text data; "
+                                "preference data takes contiguous or logo")
+        if args.packed_documents or args.reset_attention_mask:
+            raise ArgumentError("--packed-documents / --reset-attention-mask do not apply to "
+                                "preference data: its branches are always masked from each other")
+        if args.sequence_parallel and args.tensor_model_parallel_size > 1:
+            raise ArgumentError("--sequence-parallel is not supported with preference data yet "
+                                "(only answer positions reach the output layer, picked from whole "
+                                "sequences); drop it")
+
+    def datasets(self, args, tokenizer, num_samples: List[int]) -> list:
+        from megatron_ext.data.gpt_data import build_preference_datasets
+
+        return build_preference_datasets(args, tokenizer, num_samples)
+
+    def build(self, args, device):
+        from megatron_ext.objectives.preference_loss import PreferenceLossConfig
+        from megatron_ext.objectives.preference_step import PreferenceObjective
+
+        return PreferenceObjective(device, PreferenceLossConfig.from_args(args))
