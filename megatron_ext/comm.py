@@ -1,8 +1,8 @@
 """Autograd-aware collectives for context parallelism.
 
 Why our own: ``torch.distributed.nn.functional.all_gather`` has a wrong backward on gloo in torch
-2.13 (its all-to-all emulation of reduce-scatter gave key gradients off by O(1) in a 2-rank test;
-see shared/specs/megatron_notes.md). The math is simple enough to own:
+2.13 (its all-to-all emulation of reduce-scatter gave key gradients off by O(1) in a 2-rank test,
+while its forward was exact). The math is simple enough to own:
 
     forward:  y = cat(x_0, ..., x_{n-1})            (every rank gets the same y)
     backward: dx_r = sum over ranks k of dy_k[slice r]

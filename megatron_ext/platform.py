@@ -1,6 +1,6 @@
 """Device and collective backend selection: CUDA + NCCL on GPUs, CPU + gloo elsewhere.
 
-Megatron-Core assumes CUDA in a handful of places (see ``shared/specs/megatron_notes.md``):
+Megatron-Core assumes CUDA in a handful of places:
 ``torch.cuda.current_device()`` used as a device, literal ``device='cuda'`` buffers in the
 optimizer and grad clipping, a type-string assertion in ``clip_grads`` and CUDA RNG state in the
 tensor-parallel RNG tracker. On CPU we redirect exactly those to the CPU and nothing else.

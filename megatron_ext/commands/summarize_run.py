@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import sys
 
 
 def summarize(run_dir: str) -> str:

@@ -13,12 +13,12 @@ same ids.
               code lines, documents) stay contiguous and the T-n unused positions are spread over
               the gaps *between* segments as a uniform random composition, so the first id is 0
               and the last is exactly T-1 (the released code computed gaps on unfiltered text and
-              covered only ~65% of T; see shared/specs/longrecipe.md).
+              covered only ~65% of T).
   logo        LOGO's position synthesis for preference data (Tang et al. 2024): the prompt's head
               (template / system prefix) keeps ids from 0, each context chunk keeps contiguous ids
               at a random offset inside its own equal slot of the window, and the question and
               answers follow the last chunk contiguously. No padding inside the sequence (the
-              released builder padded every chunk; see shared/specs/logo.md section 7).
+              released builder padded every chunk).
 """
 
 from __future__ import annotations

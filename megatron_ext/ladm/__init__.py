@@ -1,4 +1,4 @@
-"""LADM long-context data selection (arXiv 2503.02502; spec ``shared/specs/ladm.md``).
+"""LADM long-context data selection (arXiv 2503.02502).
 
 ``scoring`` - exact blockwise contextual dependency scores (``code`` and ``paper`` variants);
 ``reference`` - the same from full eager attention matrices (tests, benchmarks);

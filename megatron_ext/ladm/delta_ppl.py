@@ -1,11 +1,11 @@
 """ProLong long-dependency score (LDS): delta perplexity with and without an earlier segment.
 
-Chen et al. 2024 (ACL), released ``October2001/ProLong`` ``prolong/run.py``; spec
-``shared/specs/ladm.md`` section 5. A document's scored prefix is cut into ``span``-token
-segments (the last partial one dropped). For segment i alone and for sampled pairs (i, j), j < i,
-with segment j prepended, the perplexity of segment i's tokens 1..span-1 gives
-DS(i, j) = (PPL(i) - PPL(i | j)) / PPL(i); DD(i, j) = clip((i - j) / (chunk_num - 1), 0, 1) with
-chunk_num = seq_length // span; DSp(i) = clip((log n - H) / log n, 0, 1), H the entropy of the
+Chen et al. 2024 (ACL), released ``October2001/ProLong`` ``prolong/run.py``. A document's
+scored prefix is cut into ``span``-token segments (the last partial one dropped). For segment i
+alone and for sampled pairs (i, j), j < i, with segment j prepended, the perplexity of segment
+i's tokens 1..span-1 gives DS(i, j) = (PPL(i) - PPL(i | j)) / PPL(i);
+DD(i, j) = clip((i - j) / (chunk_num - 1), 0, 1) with chunk_num = seq_length // span;
+DSp(i) = clip((log n - H) / log n, 0, 1), H the entropy of the
 softmax of i's raw deltas PPL(i) - PPL(i | j) over its n sampled j (1 when n = 1);
 LDS = sum over sampled pairs with DS > threshold of (DS + DD) * DSp(i).
 

@@ -2,7 +2,7 @@
 
 For tests and benchmarks only: it materialises every layer's [heads, L, L] probabilities, which
 is exactly what the blockwise scorer avoids. The loops follow the spec's pseudo-code directly
-(``shared/specs/ladm.md`` 1.3 and 1.4) and share nothing with ``scoring.py`` but the settings, so
+(the paper's Eqs. for attention mass per span and CDS) and share nothing with ``scoring.py`` but the settings, so
 agreement between the two checks the span plan as well as the blockwise arithmetic.
 """
 

@@ -6,7 +6,7 @@ only, computes the exact attention mass on the sampled key spans with one extra 
 span (see ``span_pfs``): the kernel's online softmax is the blockwise log-sum-exp over the prefix,
 so nothing of size L x L (nor span x L) is ever held.
 
-Two variants (spec ``shared/specs/ladm.md`` sections 1.3-1.5):
+Two variants:
 
 ``code`` (default), the released ``ZNLP/LADM`` scorer. Query spans start at t = L-c, L-c-s, ...
 while t > sink + 4*Delta (c = span, Delta = c*d_afs, s = c*d_cds, sink = c*sink_spans), so they

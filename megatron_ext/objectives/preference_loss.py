@@ -8,7 +8,7 @@ log-probability of the answer given the prompt (length-normalised, as SimPO and 
 
 CE(y_w) is the chosen answer's token-mean cross entropy, i.e. -s(y_w): both use correctly shifted
 labels (the logit at t - 1 scores token t) and only answer tokens. All M rejected answers weigh
-the same (the released LOGO code over-weighted the first; shared/specs/logo.md section 7). The
+the same (the released LOGO code over-weighted the first). The
 loss of a global batch is the mean over its rows; with a per-device batch of 1 and gradient
 accumulation, as LOGO trained, that is also what the released code averaged.
 
