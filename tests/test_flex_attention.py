@@ -229,3 +229,12 @@ def test_hidden_block_pairs_skip_only_what_the_exact_masks_hide():
     # Ranges are conservative only where one block holds the end of one document and the start
     # of the next: nearly all truly hidden pairs are skipped.
     assert skipped >= 0.9 * counts[True], (skipped, counts)
+
+
+def test_compiling_flex_raises_dynamos_recompile_limit():
+    """Past the limit Dynamo runs FlexAttention eagerly (full score matrix) without a word."""
+    import torch._dynamo.config as dynamo_config
+
+    flex_attention.compiled_flex_attention()
+    limit = getattr(dynamo_config, "recompile_limit", None) or dynamo_config.cache_size_limit
+    assert limit >= flex_attention.RECOMPILE_LIMIT

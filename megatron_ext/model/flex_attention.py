@@ -53,9 +53,21 @@ def _flex():
     return flex_mod
 
 
+# Kernels a process may compile for flex_attention: one per (shape, mask kind, dtype, grad mode).
+# Past torch's default of 8 recompilations, Dynamo would silently run FlexAttention *eagerly*,
+# which materialises the full score matrix - at long context an out-of-memory, not a slowdown.
+# Evaluating several lengths during training easily passes 8.
+RECOMPILE_LIMIT = 64
+
+
 def compiled_flex_attention() -> Callable:
     """``flex_attention`` compiled once per process (a fused kernel per shape and mask kind)."""
     if "flex" not in _compiled:
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch
+            if getattr(dynamo_config, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
+                setattr(dynamo_config, name, RECOMPILE_LIMIT)
         _compiled["flex"] = torch.compile(_flex().flex_attention, dynamic=False)
     return _compiled["flex"]
 
