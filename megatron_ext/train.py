@@ -23,7 +23,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import arguments, checkpointing, objectives, parallel
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
-from megatron_ext.objectives import datasets_from_args
 from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron_ext.errors import UserError, report
 from megatron_ext.evaluate import training_hook
@@ -127,7 +126,7 @@ def setup(args: argparse.Namespace, plat) -> TrainingSetup:
                          parallel_state.get_data_parallel_rank(), args.num_microbatches)
     eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     eval_runs = max(eval_runs, int(args.skip_train))
-    train_ds, valid_ds, _ = datasets_from_args(
+    train_ds, valid_ds, _ = objectives.datasets_from_args(
         args, tokenizer, [args.train_iters * args.global_batch_size,
                           args.eval_iters * args.global_batch_size if eval_runs else 0, 0])
     if train_ds is None and args.train_iters > 0 and not args.skip_train:
