@@ -54,7 +54,6 @@ import contextlib
 import json
 import math
 import os
-import platform as pyplatform
 import statistics
 import sys
 import time
@@ -65,6 +64,8 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 import torch  # noqa: E402
+
+from benchmarks.machine import cpu_description  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_ext.model.cp_attention import (  # noqa: E402
@@ -288,13 +289,7 @@ def max_abs_diff(ours_sbh: torch.Tensor, sdpa_bhsd: torch.Tensor) -> float:
 def device_description(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = pyplatform.processor() or pyplatform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, no GPU, {torch.get_num_threads()} torch threads"
+    return f"{cpu_description()}, {torch.get_num_threads()} torch threads"
 
 
 def parse_args(argv=None):

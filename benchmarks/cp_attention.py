@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import platform as pyplatform
 import socket
 import statistics
 import subprocess
@@ -54,6 +53,8 @@ if _REPO_ROOT not in sys.path:  # `torchrun benchmarks/cp_attention.py` puts ben
     sys.path.insert(0, _REPO_ROOT)
 
 import torch  # noqa: E402
+
+from benchmarks.machine import cpu_description  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -323,13 +324,7 @@ def run_cp_size(cp: int, argv) -> dict:
 def device_description() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (1 GPU per rank)"
-    cpu = pyplatform.processor() or pyplatform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, no GPU, 1 torch thread per rank"
+    return f"{cpu_description()}, 1 torch thread per rank"
 
 
 def report(args, runs: dict) -> dict:
