@@ -70,7 +70,7 @@ def child_ours(hf_dir: str, megatron_dir: str, length: int, count: int, repeats:
     import torch
     from megatron.core import tensor_parallel
 
-    from megatron_ext import parallel
+    from megatron_ext import arguments, parallel
     from megatron_ext.evaluate import cli, ppl_by_position
     from megatron_ext.evaluate.model_runner import ModelRunner, load_model
 
@@ -80,14 +80,15 @@ def child_ours(hf_dir: str, megatron_dir: str, length: int, count: int, repeats:
         flags + ["--load", megatron_dir, "--tokenizer-type", "HuggingFaceTokenizer",
                  "--tokenizer-model", hf_dir, "--eval-data", "unused", "--output", "unused",
                  "--lengths", str(length), "--device", "cpu"])
-    cli.finalize_model_args(args, world_size=1)
     args.seq_length = length
+    model_config, layout = arguments.model_and_layout(args, world_size=1)
     corpus, windows = _windows(hf_dir, length, count)
     parallel.initialize(1, 1, 1, device="cpu")
     try:
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        runner = ModelRunner(load_model(args, torch.device("cpu"), True), torch.device("cpu"),
-                             args.padded_vocab_size)
+        model_config, model = load_model(megatron_dir, model_config, layout, torch.device("cpu"),
+                                         True)
+        runner = ModelRunner(model, torch.device("cpu"), model_config.padded_vocab_size)
 
         def one_pass() -> dict:
             return ppl_by_position.run(runner, corpus, [length], count, max(64, length // 8))

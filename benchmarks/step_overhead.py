@@ -25,6 +25,7 @@ model FLOPs utilisation against the GPU's dense bf16 peak (meant for a GPU run).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -151,20 +152,20 @@ def bare_forward_step(data_iterator, model):
 class BareLoop:
     """The same model, optimizer and schedule, driven with nothing but Megatron-Core calls."""
 
-    def __init__(self, args, plat, dataset, device):
-        self.args = args
+    def __init__(self, cfg, plat, dataset, device):
+        self.cfg = cfg
         self.device = device
         # Same seed and builder as setup(): the weights start identical to ours.
-        train_mod.set_seeds(args.seed)
+        train_mod.set_seeds(cfg.training.seed)
         self.model, self.optimizer, self.scheduler = train_mod.build_model_and_optimizer(
-            args, device, plat.is_cpu)
+            cfg, device, plat.is_cpu)
         self.batches = iter(self.prefetch(dataset))
         self.forward_backward = get_forward_backward_func()
         self.losses: List[float] = []
 
     def prefetch(self, dataset) -> List[Dict[str, torch.Tensor]]:
         """This rank's micro-batches for every iteration, in Megatron-LM's sampler order."""
-        a = self.args
+        a = self.cfg.training
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         batches = []
@@ -183,8 +184,9 @@ class BareLoop:
         self.optimizer.zero_grad()
         reports = self.forward_backward(
             forward_step_func=bare_forward_step, data_iterator=self.batches, model=self.model,
-            num_microbatches=self.args.num_microbatches, seq_length=self.args.seq_length,
-            micro_batch_size=self.args.micro_batch_size, forward_only=False)
+            num_microbatches=self.cfg.training.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size, forward_only=False)
         self.optimizer.step()
         self.scheduler.step(1)
         return reports
@@ -217,7 +219,8 @@ class OursLoop:
 
     def run_one(self) -> None:
         # train() stops at --exit-interval; the LR schedule still spans --train-iters.
-        self.s.args.exit_interval = self.s.iteration + 1
+        training = dataclasses.replace(self.s.cfg.training, exit_interval=self.s.iteration + 1)
+        self.s.cfg = dataclasses.replace(self.s.cfg, training=training)
         train_mod.train(self.s, self.writer)
 
     def losses(self) -> Dict[int, float]:
@@ -234,7 +237,7 @@ def time_data_iterator(s, iterations: int) -> float:
     times = []
     for _ in range(iterations):
         start = time.perf_counter()
-        for _ in range(s.args.num_microbatches):
+        for _ in range(s.cfg.training.num_microbatches):
             next(data)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -277,7 +280,7 @@ def measure(args, ours: OursLoop, bare: BareLoop, on_gpu: bool):
     return ours_times, bare_times
 
 
-def megatron_flops_per_iteration(args) -> float:
+def megatron_flops_per_iteration(cfg) -> float:
     """Model FLOPs of one global batch: Megatron-LM's num_floating_point_operations (dense GPT).
 
     12 = 3 (forward, weight-grad, data-grad GEMMs) x 2 (multiply-add) x 2 (GEMM pairs in a
@@ -285,13 +288,14 @@ def megatron_flops_per_iteration(args) -> float:
     score matrix, i.e. 12*L*h*s FLOPs per token, as in the classic formula; the last term is the
     output-layer logits.
     """
-    b, s, L, h = args.global_batch_size, args.seq_length, args.num_layers, args.hidden_size
-    query_ratio = args.kv_channels * args.num_attention_heads / h
-    gated = 1.5 if args.swiglu else 1.0
+    m = cfg.model
+    b, s, L, h = cfg.training.global_batch_size, m.seq_length, m.num_layers, m.hidden_size
+    query_ratio = m.kv_channels * m.num_attention_heads / h
+    gated = 1.5 if m.swiglu else 1.0
     return 12 * b * s * L * h * h * (
-        (1 + args.num_query_groups / args.num_attention_heads + s / h) * query_ratio
-        + (args.ffn_hidden_size / h) * gated
-        + args.padded_vocab_size / (2 * L * h))
+        (1 + m.num_query_groups / m.num_attention_heads + s / h) * query_ratio
+        + (m.ffn_hidden_size / h) * gated
+        + m.padded_vocab_size / (2 * L * h))
 
 
 def peak_tflops(args, device_name: str) -> Optional[float]:
@@ -342,20 +346,22 @@ def device_name(plat) -> str:
     return f"{model} x{cores} cores"
 
 
-def layout(args) -> str:
-    text = f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size}"
-    if args.context_parallel_size > 1:
-        text += f" CP={args.context_parallel_size}"
-    return text + f" DP={args.data_parallel_size}"
+def layout(cfg) -> str:
+    text = f"TP={cfg.layout.tp} PP={cfg.layout.pp}"
+    if cfg.layout.cp > 1:
+        text += f" CP={cfg.layout.cp}"
+    return text + f" DP={cfg.layout.dp}"
 
 
 def report(args, plat, s, ours_times, bare_times, loss_gap, data_s) -> dict:
+    """``args``: the benchmark's own flags; the run's configuration is ``s.cfg``."""
+    cfg, m, t = s.cfg, s.cfg.model, s.cfg.training
     ours_ms = 1000 * statistics.median(ours_times)
     bare_ms = 1000 * statistics.median(bare_times)
     result = {"benchmark": "step_overhead", "ratio": round(ours_ms / bare_ms, 4), "goal": "<= 1.03",
               "device": device_name(plat), "ours_ms": round(ours_ms, 2), "bare_ms": round(bare_ms, 2),
-              "layout": layout(args), "iterations": args.timed_iters}
-    flops = megatron_flops_per_iteration(args)
+              "layout": layout(cfg), "iterations": args.timed_iters}
+    flops = megatron_flops_per_iteration(cfg)
     backend = attention_backend(s.model[0])
     peak = peak_tflops(args, result["device"])
     if args.mfu:
@@ -363,16 +369,16 @@ def report(args, plat, s, ours_times, bare_times, loss_gap, data_s) -> dict:
         result["model_tflop_per_iteration"] = round(flops / 1e12, 3)
         result["peak_tflops"] = peak
         for name, ms in (("mfu", ours_ms), ("mfu_bare", bare_ms)):
-            result[name] = (round(flops / (ms / 1000) / (args.world_size * peak * 1e12), 4)
+            result[name] = (round(flops / (ms / 1000) / (cfg.layout.world_size * peak * 1e12), 4)
                             if peak else None)
 
     params = sum(p.numel() for p in s.model[0].parameters())
-    print(f"\nstep_overhead: {result['device']} | {plat.device_type}/{plat.backend} | {layout(args)} | "
+    print(f"\nstep_overhead: {result['device']} | {plat.device_type}/{plat.backend} | {layout(cfg)} | "
           f"{torch.get_num_threads()} torch threads per rank")
-    print(f"  model: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} "
-          f"heads, seq {args.seq_length}, mbs {args.micro_batch_size}, gbs {args.global_batch_size} "
-          f"({args.num_microbatches} micro-batches/rank), {params / 1e6:.2f}M params on rank 0, "
-          f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}, attention: {backend}")
+    print(f"  model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} "
+          f"heads, seq {m.seq_length}, mbs {t.micro_batch_size}, gbs {t.global_batch_size} "
+          f"({t.num_microbatches} micro-batches/rank), {params / 1e6:.2f}M params on rank 0, "
+          f"{m.dtype_name}, attention: {backend}")
     print(f"  {args.timed_iters} timed iterations each (after {args.warmup_iters} warm-up), "
           f"alternating every iteration")
     for name, times in (("ours", ours_times), ("bare", bare_times)):
@@ -405,18 +411,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         resolve_demo_data(args)
         try:
-            arguments.finalize(args, world_size)
+            cfg = arguments.finalize(args, world_size)
         except arguments.ArgumentError as err:
             if parallel.is_rank0():
                 print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
         on_gpu = not plat.is_cpu
         with tempfile.TemporaryDirectory(prefix="step_overhead_") as tmp:
-            s = train_mod.setup(args, plat)
-            bare = BareLoop(args, plat, s.train_data, s.objective.device)
+            s = train_mod.setup(cfg, plat)
+            bare = BareLoop(s.cfg, plat, s.train_data, s.objective.device)
             ours = OursLoop(s, os.path.join(tmp, "metrics.jsonl") if parallel.is_rank0() else None)
             ours_times, bare_times = measure(args, ours, bare, on_gpu)
-            data_s = time_data_iterator(s, min(args.train_iters, 10))
+            data_s = time_data_iterator(s, min(cfg.training.train_iters, 10))
             torch.distributed.barrier()
             if parallel.is_rank0():
                 ours_losses = ours.losses()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from megatron_ext import objectives
+from megatron_ext.config import (ArgsProvider, CheckpointConfig, DataConfig, DistributedConfig,
+                                 LoggingConfig, ModelConfig, RunConfig, TrainingConfig,
+                                 section_from_namespace)
 from megatron_ext.data import position_schemes
 from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megatron-LM's flag)
 from megatron_ext.errors import ArgumentError
@@ -19,7 +22,8 @@ from megatron_ext.model import attention_backends
 from megatron_ext.objectives import preference
 
 
-def build_parser(prog: str = "megatron_ext.train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "megatron_ext.train",
+                 providers: Sequence[ArgsProvider] = ()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
@@ -28,10 +32,8 @@ def build_parser(prog: str = "megatron_ext.train") -> argparse.ArgumentParser:
     add_data_args(p)
     add_checkpoint_args(p)
     add_logging_args(p)
-    # Imported here: the evaluation package builds its own parser from the groups above.
-    from megatron_ext.evaluate import training_hook
-
-    training_hook.add_arguments(p)
+    for provider in providers:  # features the entry point brings (e.g. tasks during training)
+        provider.add_arguments(p)
     return p
 
 
@@ -200,32 +202,18 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
                         "exit (e.g. a checkpoint at a longer --seq-length)")
 
 
-def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Fill derived defaults and validate; raises ArgumentError naming the offending flag."""
-    layout = Layout.from_args(args, world_size)
-    args.data_parallel_size = layout.dp
-    args.world_size = world_size
-    derive_model_defaults(args)
-    layout.check_model(heads=args.num_attention_heads, groups=args.num_query_groups,
-                       ffn=args.ffn_hidden_size, layers=args.num_layers)
-    layout.check_sequence(args.seq_length)
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if args.seq_length > args.max_position_embeddings:
-        raise ArgumentError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
-                            f"({args.max_position_embeddings})")
-    if args.attention_block_size is not None and args.attention_block_size < 1:
-        raise ArgumentError(f"--attention-block-size must be >= 1, got {args.attention_block_size}")
+def finalize(args: argparse.Namespace, world_size: int,
+             providers: Sequence[ArgsProvider] = ()) -> RunConfig:
+    """Fill derived defaults, validate, and freeze: the one place configuration is decided.
+
+    Raises ArgumentError naming the offending flag. ``providers``: the features whose flags
+    ``build_parser`` added; each turns the namespace into its own section of ``cfg.extras``.
+    """
+    model, layout = model_and_layout(args, world_size)
     _resolve_objective(args)
     _validate_position_args(args)
-    # Checked now, before any process group, data or model exists; the builder plans again with
-    # the platform it really runs on and gets the same answer.
-    attention_backends.plan_attention(args, on_cpu=device_is_cpu(args),
-                                      training=not args.skip_train)
-    if args.sequence_parallel and layout.tp == 1:
-        args.sequence_parallel = False  # Megatron-LM does the same: SP needs TP > 1.
 
-    dp = args.data_parallel_size
+    dp = layout.dp
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp) != 0:
@@ -233,8 +221,6 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
             f"--global-batch-size ({args.global_batch_size}) must be divisible by "
             f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({dp})")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    if args.bf16 and args.fp16:
-        raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = max(1, args.train_iters)
     if args.lr_warmup_iters > 0 and args.lr_warmup_iters >= args.lr_decay_iters:
@@ -248,7 +234,43 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ArgumentError("--eval-interval needs --eval-iters > 0")
     if args.skip_train and args.eval_iters <= 0:
         raise ArgumentError("--skip-train evaluates the validation split: give --eval-iters > 0")
-    return args
+
+    cfg = RunConfig(
+        model=model, layout=layout,
+        distributed=section_from_namespace(DistributedConfig, args),
+        data=section_from_namespace(DataConfig, args, data_path=tuple(args.data_path)),
+        training=section_from_namespace(TrainingConfig, args),
+        checkpoint=section_from_namespace(CheckpointConfig, args),
+        logging=section_from_namespace(LoggingConfig, args),
+        objective=objectives.get(args.objective).config(args),
+        extras={provider.name: provider.section(args) for provider in providers},
+    )
+    # Checked now, before any process group, data or model exists; the builder plans again with
+    # the platform it really runs on and gets the same answer.
+    attention_backends.plan_attention(cfg.model, cfg.layout, on_cpu=device_is_cpu(args.device),
+                                      training=not args.skip_train,
+                                      document_masks=cfg.document_masking_source)
+    return cfg
+
+
+def model_and_layout(args: argparse.Namespace, world_size: int) -> Tuple[ModelConfig, Layout]:
+    """The model and its layout from the model and parallelism flags, derived defaults filled and
+    Megatron's rules checked; training and evaluation both build their model config here."""
+    layout = Layout.from_args(args, world_size)
+    derive_model_defaults(args)
+    layout.check_model(heads=args.num_attention_heads, groups=args.num_query_groups,
+                       ffn=args.ffn_hidden_size, layers=args.num_layers)
+    layout.check_sequence(args.seq_length)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ArgumentError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
+                            f"({args.max_position_embeddings})")
+    if args.attention_block_size is not None and args.attention_block_size < 1:
+        raise ArgumentError(f"--attention-block-size must be >= 1, got {args.attention_block_size}")
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    return section_from_namespace(ModelConfig, args), layout
 
 
 def derive_model_defaults(args: argparse.Namespace) -> None:
@@ -268,12 +290,12 @@ def derive_model_defaults(args: argparse.Namespace) -> None:
             args.ffn_hidden_size = 4 * args.hidden_size
 
 
-def device_is_cpu(args: argparse.Namespace) -> bool:
+def device_is_cpu(device: Optional[str]) -> bool:
     """Whether this run will be on CPU (``--device``, ``MEGATRON_EXT_DEVICE``, else CUDA if any)."""
     from megatron_ext import platform
 
     try:
-        return platform.detect(getattr(args, "device", None)).is_cpu
+        return platform.detect(device).is_cpu
     except (RuntimeError, ValueError) as err:
         raise ArgumentError(str(err)) from None
 
@@ -339,13 +361,14 @@ def _validate_data_args(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--tokenizer-model: {args.tokenizer_model} does not exist")
 
 
-def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Parse and validate; exits with status 2 and a one-line error on bad input."""
-    parser = build_parser()
+def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None,
+          providers: Sequence[ArgsProvider] = ()) -> RunConfig:
+    """Parse, validate and freeze; exits with status 2 and a one-line error on bad input."""
+    parser = build_parser(providers=providers)
     args = parser.parse_args(argv)
     if world_size is None:
         world_size = launched_world_size()
     try:
-        return finalize(args, world_size)
+        return finalize(args, world_size, providers)
     except ArgumentError as err:
         parser.error(str(err))

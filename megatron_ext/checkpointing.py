@@ -13,7 +13,6 @@ when the layout is unchanged, every rank's RNG state.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -25,20 +24,13 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_ext.config import (ARCHITECTURE_FIELDS, EXTENSION_FIELDS, CheckpointConfig,
+                                 ModelConfig)
 from megatron_ext.errors import UserError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 
-# Fields that fix parameter shapes and numerics; a checkpoint and a run must agree on them.
-ARCHITECTURE_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "normalization", "norm_epsilon", "swiglu", "untie_embeddings_and_output_weights",
-    "add_bias_linear", "add_qkv_bias", "rotary_base", "padded_vocab_size",
-)
-# Of those, the ones a context-extension run changes on purpose when it starts from weights
-# (--finetune): a larger static RoPE base for a longer target window.
-EXTENSION_FIELDS = ("rotary_base",)
 
 
 class CheckpointError(UserError):
@@ -73,8 +65,22 @@ def checkpoint_dir_to_load(root: str) -> Tuple[str, Optional[int]]:
     return iteration_dir(root, iteration), iteration
 
 
-def architecture_of(args: argparse.Namespace) -> dict:
-    return {field: getattr(args, field) for field in ARCHITECTURE_FIELDS}
+def architecture_of(model: ModelConfig) -> dict:
+    return {field: getattr(model, field) for field in ARCHITECTURE_FIELDS}
+
+
+# Recorded beside the architecture, not checked against a run: a context extension changes them.
+RECORDED_FIELDS = ("max_position_embeddings", "seq_length", "use_rope_scaling",
+                   "rope_scaling_factor", "rotary_seq_len_interpolation_factor")
+
+
+def model_record(model: ModelConfig) -> dict:
+    """What ``model_args.json`` holds: the architecture, the lengths and the RoPE scaling."""
+    return architecture_of(model) | {field: getattr(model, field) for field in RECORDED_FIELDS}
+
+
+# Loading weights only (evaluation, conversion parity): iteration, optimizer and RNG untouched.
+WEIGHTS_ONLY = CheckpointConfig(finetune=True, no_load_optim=True, no_load_rng=True)
 
 
 def read_model_args(checkpoint_dir: str) -> dict:
@@ -137,7 +143,7 @@ def _is_rank0() -> bool:
 
 
 def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, scheduler,
-         consumed_samples: int, args: argparse.Namespace, tag: Optional[str] = None) -> str:
+         consumed_samples: int, model_config: ModelConfig, tag: Optional[str] = None) -> str:
     """Write a checkpoint for ``iteration`` atomically; returns its directory."""
     final_dir = os.path.join(root, tag) if tag else iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
@@ -165,8 +171,7 @@ def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, sch
 
     if _is_rank0():
         with open(os.path.join(tmp_dir, "model_args.json"), "w") as f:
-            json.dump(architecture_of(args) | {"max_position_embeddings": args.max_position_embeddings,
-                                                 "seq_length": args.seq_length}, f, indent=2)
+            json.dump(model_record(model_config), f, indent=2)
         if os.path.exists(final_dir):
             # Re-saving an iteration (after a resume): swap in the new one, then drop the old.
             stale = final_dir + ".old"
@@ -198,13 +203,13 @@ def saved_padded_vocab_size(root: str) -> Optional[int]:
     return read_model_args(ckpt_dir).get("padded_vocab_size")
 
 
-def check_architecture(checkpoint_dir: str, args: argparse.Namespace) -> None:
+def check_architecture(checkpoint_dir: str, model: ModelConfig, finetune: bool) -> None:
     saved = read_model_args(checkpoint_dir)
-    free = EXTENSION_FIELDS if args.finetune else ()
+    free = EXTENSION_FIELDS if finetune else ()
     mismatched = [
-        f"{field}: checkpoint {saved[field]!r} vs run {getattr(args, field)!r}"
+        f"{field}: checkpoint {saved[field]!r} vs run {getattr(model, field)!r}"
         for field in ARCHITECTURE_FIELDS
-        if field in saved and saved[field] != getattr(args, field) and field not in free
+        if field in saved and saved[field] != getattr(model, field) and field not in free
     ]
     if mismatched:
         flags = ", ".join("--" + m.split(":")[0].replace("_", "-") for m in mismatched)
@@ -243,31 +248,31 @@ def load_model_state(module: torch.nn.Module, state: dict, absent_extra: set,
                               f"{list(unexpected)[:5]}")
 
 
-def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, args: argparse.Namespace
-         ) -> Tuple[int, int]:
+def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_config: ModelConfig,
+         options: CheckpointConfig = WEIGHTS_ONLY) -> Tuple[int, int]:
     """Restore from the latest checkpoint under ``root``; returns (iteration, consumed_samples).
 
-    With ``args.finetune`` only the weights are loaded and training starts at iteration 0. Like
+    With ``options.finetune`` only the weights are loaded and training starts at iteration 0. Like
     Megatron-LM, a --load directory without any checkpoint starts a fresh run (so --load and --save
     can name the same directory), except with --finetune, where weights are the point.
     """
-    if read_tracker(root) is None and not args.finetune:
+    if read_tracker(root) is None and not options.finetune:
         if _is_rank0():
             print(f" no checkpoint found under --load {root}; starting from scratch", flush=True)
         return 0, 0
     ckpt_dir, _ = checkpoint_dir_to_load(root)
-    check_architecture(ckpt_dir, args)
+    check_architecture(ckpt_dir, model_config, options.finetune)
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    full_resume = not args.finetune
+    full_resume = not options.finetune
     same_layout = common.get("layout") == _layout()
 
     model_sd = _unwrap(model[0]).sharded_state_dict()
     absent_extra = drop_absent_extra_states(model_sd, ckpt_dir)
     request = {"model": model_sd}
-    load_optim = full_resume and not args.no_load_optim and "optimizer" in common
+    load_optim = full_resume and not options.no_load_optim and "optimizer" in common
     if load_optim:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
-    load_rng = full_resume and not args.no_load_rng and same_layout
+    load_rng = full_resume and not options.no_load_rng and same_layout
     if load_rng:
         request["rng_state"] = _rng_sharded_object()
     state = dist_checkpointing.load(request, ckpt_dir)

@@ -583,42 +583,38 @@ def _maybe_inject(ctx: Context, stage: str) -> None:
 # Shared helpers
 # ================================================================================================
 
-def _model_args(ctx: Context, *, layers: int, hidden: int, heads: int, groups: int, ffn: int,
+def _model_config(ctx: Context, *, layers: int, hidden: int, heads: int, groups: int, ffn: int,
                 seq: int, vocab: int, backend: str = "flex", bf16: Optional[bool] = None,
                 init_std: float = 0.02):
-    """Flags as the training entry point would hold them after ``arguments.finalize`` (model part)."""
-    from megatron_ext import arguments
+    """The model config the training entry point would build for these sizes."""
+    from megatron_ext.config import ModelConfig
 
-    bf16 = (not ctx.on_cpu) if bf16 is None else bf16
-    argv = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--ffn-hidden-size", str(ffn),
-            "--num-attention-heads", str(heads), "--num-query-groups", str(groups),
-            "--seq-length", str(seq), "--max-position-embeddings", str(seq),
-            "--attention-backend", backend, "--device", ctx.device.type,
-            "--init-method-std", str(init_std), "--untie-embeddings-and-output-weights"]
-    if bf16:
-        argv.append("--bf16")
-    args = arguments.build_parser().parse_args(argv)
-    args.data_parallel_size, args.world_size = 1, 1
-    args.kv_channels = hidden // heads
-    args.padded_vocab_size = vocab
-    return args
+    return ModelConfig(
+        num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+        num_query_groups=groups, kv_channels=hidden // heads, seq_length=seq,
+        max_position_embeddings=seq, attention_backend=backend, init_method_std=init_std,
+        untie_embeddings_and_output_weights=True, padded_vocab_size=vocab,
+        bf16=(not ctx.on_cpu) if bf16 is None else bf16)
 
 
-def _build(ctx: Context, args, training: bool, gpu_init: bool = False):
-    """(model on ctx.device, plan) via the project's builder, as ``megatron_ext.train`` builds it."""
+def _build(ctx: Context, model_config, training: bool, gpu_init: bool = False):
+    """(model on ctx.device, plan) via the project's builder, as ``megatron_ext.train`` builds it
+    (one process: TP = PP = CP = 1)."""
     import dataclasses
 
+    from megatron_ext.layout import Layout
     from megatron_ext.model import build_model, transformer_config
     from megatron_ext.model.attention_backends import plan_attention
 
     ctx.ensure_parallel()
     ctx.seed()
-    plan = plan_attention(args, ctx.on_cpu, training=training)
-    config = transformer_config(args, ctx.on_cpu)
+    layout = Layout()
+    plan = plan_attention(model_config, layout, ctx.on_cpu, training=training)
+    config = transformer_config(model_config, layout, ctx.on_cpu)
     if gpu_init and not ctx.on_cpu:
         # Billions of parameters initialise in seconds on the GPU, minutes on the CPU.
         config = dataclasses.replace(config, use_cpu_initialization=False)
-    model = build_model(args, config, ctx.on_cpu, args.padded_vocab_size, plan).to(ctx.device)
+    model = build_model(model_config, layout, config, ctx.on_cpu, plan).to(ctx.device)
     return model, plan
 
 
@@ -764,7 +760,7 @@ def stage_model_builds(ctx: Context):
 
     seq = 256 if ctx.tiny and ctx.on_cpu else 1024
     hidden = 64 if ctx.on_cpu else 256
-    args = _model_args(ctx, layers=2, hidden=hidden, heads=4, groups=2, ffn=3 * hidden, seq=seq,
+    args = _model_config(ctx, layers=2, hidden=hidden, heads=4, groups=2, ffn=3 * hidden, seq=seq,
                        vocab=512, backend="flex")
     training = not ctx.on_cpu
     t0 = time.time()
@@ -1258,7 +1254,7 @@ def _packed_vs_alone(ctx: Context) -> dict:
     seq = 256 if ctx.on_cpu else 1024
     hidden = 64 if ctx.on_cpu else 256
     vocab = 512
-    args = _model_args(ctx, layers=2, hidden=hidden, heads=4, groups=2, ffn=3 * hidden, seq=seq,
+    args = _model_config(ctx, layers=2, hidden=hidden, heads=4, groups=2, ffn=3 * hidden, seq=seq,
                        vocab=vocab, backend="flex")
     model, plan = _build(ctx, args, training=False)
     model.eval()
@@ -1516,7 +1512,7 @@ def stage_mfu(ctx: Context):
             continue
         model = None
         try:
-            args = _model_args(ctx, layers=layers, hidden=hidden, heads=heads, groups=groups,
+            args = _model_config(ctx, layers=layers, hidden=hidden, heads=heads, groups=groups,
                                ffn=ffn, seq=seq, vocab=vocab,
                                backend="blockwise" if cpu else "flex")
             t0 = time.time()

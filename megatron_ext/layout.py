@@ -14,7 +14,7 @@ Process groups are created elsewhere (``parallel.py``); this module only decides
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Type
+from typing import Mapping, Optional, Tuple, Type
 
 from megatron_ext import launch
 from megatron_ext.errors import ArgumentError, UserError
@@ -36,6 +36,9 @@ class Layout:
     pp: int = 1
     cp: int = 1
     world_size: Optional[int] = None  # None: one model replica (dp = 1), e.g. for conversion
+    sequence_parallel: bool = False  # Megatron's: activations split over TP (needs TP > 1)
+    cp_comm_type: Optional[str] = None  # --cp-comm-type as given; the attention plan decides
+    hierarchical_context_parallel_sizes: Optional[Tuple[int, ...]] = None  # a2a+p2p groups
     error: Type[UserError] = ArgumentError  # what a refusal raises (the converter's own type)
 
     def __post_init__(self):
@@ -54,8 +57,14 @@ class Layout:
         """The layout the parsed flags ask for; ``world_size`` default: the launcher's."""
         if world_size is None:
             world_size = launched_world_size()
+        sizes = getattr(args, "hierarchical_context_parallel_sizes", None)
         return cls(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                   args.context_parallel_size, world_size)
+                   args.context_parallel_size, world_size,
+                   # Megatron-LM does the same: sequence parallelism needs TP > 1.
+                   sequence_parallel=bool(getattr(args, "sequence_parallel", False)
+                                          and args.tensor_model_parallel_size > 1),
+                   cp_comm_type=getattr(args, "cp_comm_type", None),
+                   hierarchical_context_parallel_sizes=tuple(sizes) if sizes else None)
 
     @property
     def dp(self) -> int:

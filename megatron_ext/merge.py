@@ -321,27 +321,26 @@ class _AveragingMaterializer:
         return region.reshape(sizes)
 
 
-def _namespace_for(model_args: dict, dtype: torch.dtype):
-    """train.py's argument namespace for a checkpoint's model_args.json (shapes and dtype)."""
+def _model_for(model_args: dict, dtype: torch.dtype):
+    """The model a checkpoint's model_args.json describes (shapes and dtype)."""
     from megatron_ext import checkpointing
-    from megatron_ext.convert.hf_config import ConversionError, spec_from_model_args
-    from megatron_ext.convert.megatron_ckpt import megatron_namespace
+    from megatron_ext.convert.architecture import spec_from_model_args
+    from megatron_ext.convert.hf_config import ConversionError
+    from megatron_ext.convert.megatron_ckpt import converted_model
 
     try:
         spec = spec_from_model_args(model_args)
     except (KeyError, ConversionError) as err:
         raise MergeError(f"model_args.json cannot describe a model: {err}") from None
-    args = megatron_namespace(spec, model_args["padded_vocab_size"], dtype)
-    args.max_position_embeddings = model_args.get("max_position_embeddings",
-                                                  args.max_position_embeddings)
-    args.seq_length = model_args.get("seq_length", args.seq_length)
-    rebuilt = checkpointing.architecture_of(args)
+    model, _ = converted_model(spec, model_args["padded_vocab_size"], dtype,
+                               seq_length=model_args.get("seq_length"))
+    rebuilt = checkpointing.architecture_of(model)
     differing = [f"{k}: {model_args[k]!r} vs {rebuilt[k]!r}" for k in rebuilt
                  if k in model_args and model_args[k] != rebuilt[k]]
     if differing:
         raise MergeError("this merge rebuilds Llama-family models (RMSNorm, SwiGLU, no linear "
                          f"biases) and cannot reproduce the checkpoint's {'; '.join(differing)}")
-    return args
+    return model
 
 
 def merge_megatron(inputs: List[str], weights: List[float], output: str,
@@ -364,8 +363,8 @@ def merge_megatron(inputs: List[str], weights: List[float], output: str,
 
         first = readers[0].model_args
         out_dtype = dtype or readers[0].dtype("embedding.word_embeddings.weight")
-        args = _namespace_for(first, out_dtype)
-        model = build_meta_model(args)
+        model_config = _model_for(first, out_dtype)
+        model = build_meta_model(model_config)
         state_shapes = tensor_shapes(model)
         expected = _checkpoint_shapes(state_shapes)
         compare_tensors("the model rebuilt from model_args.json", expected,
@@ -379,7 +378,7 @@ def merge_megatron(inputs: List[str], weights: List[float], output: str,
                 notes.append(f"model_args.json of {reader.checkpoint_dir} differs in "
                              f"{', '.join(diffs)}: the merged checkpoint keeps "
                              f"{readers[0].checkpoint_dir}'s")
-        # write_release writes model_args.json from the namespace, then these files: listing it
+        # write_release writes model_args.json from the model config, then these files: listing it
         # here keeps the first input's file exactly (seq_length and all).
         extra = {"model_args.json": json.dumps(first, indent=2),
                  "merge.json": json.dumps({"inputs": [os.path.abspath(p) for p in inputs],
@@ -390,7 +389,7 @@ def merge_megatron(inputs: List[str], weights: List[float], output: str,
         bar = tqdm(total=len(state_shapes), unit="tensor", desc="merge", disable=not progress,
                    file=sys.stderr)
         materialize = _AveragingMaterializer(readers, weights, lambda: bar.update(1))
-        release_dir = write_release(output, model, args, materialize, extra)
+        release_dir = write_release(output, model, model_config, materialize, extra)
         bar.close()
 
     flags = os.path.join(inputs[0], "megatron_args.txt")

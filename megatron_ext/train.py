@@ -7,7 +7,6 @@ Megatron-Core's forward/backward schedule, optimizer step, log, evaluate, save.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -22,6 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import arguments, checkpointing, objectives, parallel
+from megatron_ext.config import RunConfig
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
 from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron_ext.errors import UserError, report
@@ -34,7 +34,7 @@ from megatron_ext.model.attention_backends import describe_what_ran, plan_attent
 
 @dataclasses.dataclass
 class TrainingSetup:
-    args: argparse.Namespace
+    cfg: RunConfig
     model: List[torch.nn.Module]
     optimizer: object
     scheduler: OptimizerParamScheduler
@@ -57,47 +57,50 @@ def set_seeds(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_model_and_optimizer(args, device, on_cpu: bool):
-    config = transformer_config(args, on_cpu)
-    plan = plan_attention(args, on_cpu, training=not args.skip_train)
-    module = build_model(args, config, on_cpu, args.padded_vocab_size, plan).to(device)
+def build_model_and_optimizer(cfg: RunConfig, device, on_cpu: bool):
+    training = cfg.training
+    config = transformer_config(cfg.model, cfg.layout, on_cpu)
+    plan = plan_attention(cfg.model, cfg.layout, on_cpu, training=not training.skip_train,
+                          document_masks=cfg.document_masking_source)
+    module = build_model(cfg.model, cfg.layout, config, on_cpu, plan).to(device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        use_distributed_optimizer=training.use_distributed_optimizer,
     )
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
-            bf16=args.bf16,
-            fp16=args.fp16,
+            lr=training.lr,
+            min_lr=training.min_lr,
+            weight_decay=training.weight_decay,
+            adam_beta1=training.adam_beta1,
+            adam_beta2=training.adam_beta2,
+            adam_eps=training.adam_eps,
+            clip_grad=training.clip_grad,
+            bf16=cfg.model.bf16,
+            fp16=cfg.model.fp16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer,
+            use_distributed_optimizer=training.use_distributed_optimizer,
         ),
         model,
     )
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if args.lr_warmup_iters > 0 else args.lr,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        init_lr=0.0 if training.lr_warmup_iters > 0 else training.lr,
+        max_lr=training.lr,
+        min_lr=training.min_lr,
+        lr_warmup_steps=training.lr_warmup_iters,
+        lr_decay_steps=training.lr_decay_iters,
+        lr_decay_style=training.lr_decay_style,
+        start_wd=training.weight_decay,
+        end_wd=training.weight_decay,
+        wd_incr_steps=training.train_iters,
         wd_incr_style="constant",
-        wsd_decay_steps=max(1, args.lr_decay_iters // 10) if args.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None,
+        wsd_decay_steps=(max(1, training.lr_decay_iters // 10)
+                         if training.lr_decay_style == "WSD" else None),
+        lr_wsd_decay_style="linear" if training.lr_decay_style == "WSD" else None,
     )
     # Hooks the schedule calls: loss scaling (fp16), grad sync, per-token grad normalisation.
     config.grad_scale_func = optimizer.scale_loss
@@ -106,50 +109,56 @@ def build_model_and_optimizer(args, device, on_cpu: bool):
     return model, optimizer, scheduler
 
 
-def setup(args: argparse.Namespace, plat) -> TrainingSetup:
-    training_hook.eval_config(args)  # bad --eval-tasks flags fail before any work
+def setup(cfg: RunConfig, plat) -> TrainingSetup:
+    training = cfg.training
+    training_hook.eval_config(cfg)  # bad --eval-tasks flags fail before any work
     device = plat.device(torch.cuda.current_device() if not plat.is_cpu else 0)
-    set_seeds(args.seed)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    args.padded_vocab_size = embedding_rows(args, tokenizer)
-    model, optimizer, scheduler = build_model_and_optimizer(args, device, plat.is_cpu)
+    set_seeds(training.seed)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    # The embedding rows are known only now: a new config, not an edit of the parsed one.
+    cfg = cfg.with_vocab(embedding_rows(cfg, tokenizer))
+    model, optimizer, scheduler = build_model_and_optimizer(cfg, device, plat.is_cpu)
 
     iteration, consumed = 0, 0
-    if args.load:
-        iteration, consumed = checkpointing.load(args.load, model, optimizer, scheduler, args)
-    if consumed != iteration * args.global_batch_size:
+    if cfg.checkpoint.load:
+        iteration, consumed = checkpointing.load(cfg.checkpoint.load, model, optimizer, scheduler,
+                                                cfg.model, cfg.checkpoint)
+    if consumed != iteration * training.global_batch_size:
         raise checkpointing.CheckpointError(
-            f"checkpoint consumed {consumed} samples at iteration {iteration}, which does not match "
-            f"--global-batch-size {args.global_batch_size}; resume with the batch size it was saved with")
+            f"checkpoint consumed {consumed} samples at iteration {iteration}, which does not "
+            f"match --global-batch-size {training.global_batch_size}; resume with the batch size "
+            f"it was saved with")
 
-    layout = BatchLayout(args.micro_batch_size, parallel_state.get_data_parallel_world_size(),
-                         parallel_state.get_data_parallel_rank(), args.num_microbatches)
-    eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
-    eval_runs = max(eval_runs, int(args.skip_train))
-    train_ds, valid_ds, _ = objectives.datasets_from_args(
-        args, tokenizer, [args.train_iters * args.global_batch_size,
-                          args.eval_iters * args.global_batch_size if eval_runs else 0, 0])
-    if train_ds is None and args.train_iters > 0 and not args.skip_train:
-        raise UserError(f"--split {args.split} leaves no training data")
-    if (eval_runs or args.skip_train) and valid_ds is None:
-        raise UserError(f"evaluation is asked for but --split {args.split} leaves no validation "
-                         "data")
-    objective = objectives.get(args.objective).build(args, device)
-    return TrainingSetup(args, model, optimizer, scheduler, objective, train_ds, valid_ds, layout,
+    layout = BatchLayout(training.micro_batch_size, parallel_state.get_data_parallel_world_size(),
+                         parallel_state.get_data_parallel_rank(), training.num_microbatches)
+    eval_runs = ((training.train_iters // training.eval_interval + 1) if training.eval_interval
+                 else 0)
+    eval_runs = max(eval_runs, int(training.skip_train))
+    train_ds, valid_ds, _ = objectives.datasets_for(
+        cfg, tokenizer, [training.train_iters * training.global_batch_size,
+                          training.eval_iters * training.global_batch_size if eval_runs else 0, 0])
+    if train_ds is None and training.train_iters > 0 and not training.skip_train:
+        raise UserError(f"--split {cfg.data.split} leaves no training data")
+    if (eval_runs or training.skip_train) and valid_ds is None:
+        raise UserError(f"evaluation is asked for but --split {cfg.data.split} leaves no "
+                        "validation data")
+    objective = objectives.get(cfg.objective.name).build(cfg, device)
+    return TrainingSetup(cfg, model, optimizer, scheduler, objective, train_ds, valid_ds, layout,
                          iteration)
 
 
-def embedding_rows(args: argparse.Namespace, tokenizer) -> int:
+def embedding_rows(cfg: RunConfig, tokenizer) -> int:
     """Padded vocabulary: the tokenizer's, or a loaded checkpoint's when that is larger."""
-    rows = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                             args.tensor_model_parallel_size)
-    saved = checkpointing.saved_padded_vocab_size(args.load) if args.load else None
+    rows = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                             cfg.layout.tp)
+    load = cfg.checkpoint.load
+    saved = checkpointing.saved_padded_vocab_size(load) if load else None
     if saved is not None and saved != rows:
-        if saved < tokenizer.vocab_size or saved % args.tensor_model_parallel_size:
+        if saved < tokenizer.vocab_size or saved % cfg.layout.tp:
             raise checkpointing.CheckpointError(
-                f"--load {args.load} has {saved} embedding rows, which cannot serve the "
+                f"--load {cfg.checkpoint.load} has {saved} embedding rows, which cannot serve the "
                 f"{tokenizer.vocab_size}-token --tokenizer-model under "
-                f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+                f"--tensor-model-parallel-size {cfg.layout.tp}")
         rows = saved
     return rows
 
@@ -159,9 +168,9 @@ def run_schedule(s: TrainingSetup, data_iterator, forward_only: bool) -> Dict[st
         forward_step_func=s.objective.forward_step,
         data_iterator=data_iterator,
         model=s.model,
-        num_microbatches=s.args.num_microbatches,
-        seq_length=s.args.seq_length,
-        micro_batch_size=s.args.micro_batch_size,
+        num_microbatches=s.cfg.training.num_microbatches,
+        seq_length=s.cfg.model.seq_length,
+        micro_batch_size=s.cfg.training.micro_batch_size,
         forward_only=forward_only,
     )
     # Reports exist on the last pipeline stage; share them so every rank logs the same numbers.
@@ -198,7 +207,7 @@ def evaluate(s: TrainingSetup) -> Dict[str, float]:
     data = MicroBatchIterator(s.valid_data, s.layout, start_iteration=0)
     totals = []
     with torch.no_grad():
-        for _ in range(s.args.eval_iters):
+        for _ in range(s.cfg.training.eval_iters):
             totals.append(run_schedule(s, data, forward_only=True))
     for chunk in s.model:
         chunk.train()
@@ -210,10 +219,10 @@ def evaluate(s: TrainingSetup) -> Dict[str, float]:
 
 def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
     """Runs iterations up to --train-iters (or --exit-interval); returns their records."""
-    args = s.args
+    cfg, training, ckpt = s.cfg, s.cfg.training, s.cfg.checkpoint
     data = MicroBatchIterator(s.train_data, s.layout, start_iteration=s.iteration)
-    tokens_per_iter = args.global_batch_size * args.seq_length
-    last_iter = min(args.train_iters, args.exit_interval or args.train_iters)
+    tokens_per_iter = training.global_batch_size * cfg.model.seq_length
+    last_iter = min(training.train_iters, training.exit_interval or training.train_iters)
     records = []
     window_s, window_iters = 0.0, 0  # step time only: evaluation and saving are not counted
     run_start = time.perf_counter()
@@ -234,8 +243,8 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
                   **{metric: out[metric] for metric in s.objective.metrics}}
         records.append(record)
         writer.record(record, s.iteration)
-        if s.iteration % args.log_interval == 0 or s.iteration == last_iter:
-            writer.log(f" iteration {s.iteration:8d}/{args.train_iters:8d} | consumed samples: "
+        if s.iteration % cfg.logging.log_interval == 0 or s.iteration == last_iter:
+            writer.log(f" iteration {s.iteration:8d}/{training.train_iters:8d} | consumed samples: "
                        f"{data.consumed_samples:10d} | elapsed time per iteration (ms): "
                        f"{1000 * window_s / window_iters:.1f} | tokens/s: "
                        f"{tokens_per_iter * window_iters / window_s:.1f} | learning rate: {lr:.6E} | "
@@ -243,66 +252,65 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
                        + "".join(f"{m}: {out[m]:.4f} | " for m in s.objective.metrics)
                        + f"grad norm: {out['grad_norm']:.4f} | skipped: {int(out['skipped'])}")
             window_s, window_iters = 0.0, 0
-        if args.eval_interval and s.iteration % args.eval_interval == 0:
+        if training.eval_interval and s.iteration % training.eval_interval == 0:
             result = evaluate(s)
             writer.log(f" validation at iteration {s.iteration} | {s.objective.loss_key}: "
                        f"{result['loss']:.6E}")
             writer.record({"kind": "eval", "iteration": s.iteration, "eval_loss": result["loss"],
                            "eval_tokens": result["tokens"]}, s.iteration, prefix="eval")
-            training_hook.run_during_training(s.model, args, s.iteration, writer)
-        if args.save and args.save_interval and s.iteration % args.save_interval == 0:
+            training_hook.run_during_training(s.model, cfg, s.iteration, writer)
+        if ckpt.save and ckpt.save_interval and s.iteration % ckpt.save_interval == 0:
             save(s, writer)
-    if args.save and (not args.save_interval or s.iteration % args.save_interval != 0):
+    if ckpt.save and (not ckpt.save_interval or s.iteration % ckpt.save_interval != 0):
         save(s, writer)
     return records
 
 
 def save(s: TrainingSetup, writer: MetricsWriter) -> None:
     start = time.perf_counter()
-    path = checkpointing.save(s.args.save, s.iteration, s.model, s.optimizer, s.scheduler,
-                              s.iteration * s.args.global_batch_size, s.args)
+    path = checkpointing.save(s.cfg.checkpoint.save, s.iteration, s.model, s.optimizer, s.scheduler,
+                              s.iteration * s.cfg.training.global_batch_size, s.cfg.model)
     writer.log(f" saved checkpoint at iteration {s.iteration} to {path} "
                f"({time.perf_counter() - start:.1f}s)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = arguments.parse(argv)
+    cfg = arguments.parse(argv, providers=[training_hook.PROVIDER])
     try:
-        return _run(args)
+        return _run(cfg)
     except UserError as err:
         # Input problems (bad checkpoint, empty split...): one clear line, not a traceback per
         # rank. Anything else is a bug and keeps its traceback.
         return report("megatron_ext.train", err)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(cfg: RunConfig) -> int:
     info, plat = parallel.initialize(
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-        args.context_parallel_size, device=args.device,
-        timeout_minutes=args.distributed_timeout_minutes,
-        hierarchical_cp_sizes=args.hierarchical_context_parallel_sizes)
+        cfg.layout.tp, cfg.layout.pp, cfg.layout.cp, device=cfg.distributed.device,
+        timeout_minutes=cfg.distributed.distributed_timeout_minutes,
+        hierarchical_cp_sizes=cfg.layout.hierarchical_context_parallel_sizes)
     try:
-        s = setup(args, plat)
-        writer = MetricsWriter(parallel.is_rank0(), args.metrics_jsonl, args.tensorboard_dir)
-        ran = what_ran(s.model[0], plat.device_type, args.context_parallel_size)
+        s = setup(cfg, plat)
+        writer = MetricsWriter(parallel.is_rank0(), cfg.logging.metrics_jsonl,
+                               cfg.logging.tensorboard_dir)
+        ran = what_ran(s.model[0], plat.device_type, cfg.layout.cp)
         writer.log(f" megatron_ext: {info.world_size} ranks on {plat.device_type}/{plat.backend} | "
-                   f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
-                   f"CP={args.context_parallel_size} DP={args.data_parallel_size} | "
+                   f"TP={cfg.layout.tp} PP={cfg.layout.pp} CP={cfg.layout.cp} DP={cfg.layout.dp} | "
                    f"{sum(p.numel() for p in s.model[0].parameters())} parameters on rank 0 | "
                    f"starting at iteration {s.iteration}")
         writer.log(" " + describe_what_ran(ran))
         writer.record({"kind": "run", "iteration": s.iteration, **ran}, s.iteration, prefix="run")
-        if args.skip_train:
+        if cfg.training.skip_train:
             result = evaluate(s)
             writer.log(f" evaluation only | {s.objective.loss_key}: {result['loss']:.6E} | "
-                       f"{result['tokens']} tokens at --seq-length {args.seq_length}")
+                       f"{result['tokens']} tokens at --seq-length {cfg.model.seq_length}")
             writer.record({"kind": "eval", "iteration": s.iteration, "eval_loss": result["loss"],
                            "eval_tokens": result["tokens"]}, s.iteration, prefix="eval")
             writer.close()
             return 0
         records = train(s, writer)
         if records:
-            tokens = len(records) * args.global_batch_size * args.seq_length
+            tokens = len(records) * cfg.training.global_batch_size * cfg.model.seq_length
             step_s = sum(r["step_s"] for r in records)
             writer.log(f" done: {len(records)} iterations | loss first {records[0]['loss']:.4f} "
                        f"last {records[-1]['loss']:.4f} | {tokens / step_s:.1f} tokens/s")

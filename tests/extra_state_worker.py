@@ -29,25 +29,22 @@ class AttentionWithExtraState(TorchContextParallelAttention):
         AttentionWithExtraState.restored.append(state)
 
 
-def tiny_args(save_dir):
+def tiny_model():
     args = arguments.build_parser().parse_args([
         "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--num-query-groups", "2", "--seq-length", "64", "--device", "cpu", "--load", save_dir,
-        "--finetune"])
-    args.data_parallel_size, args.padded_vocab_size = 1, 256
-    for name, value in (("kv_channels", 16), ("ffn_hidden_size", 192),
-                        ("max_position_embeddings", 64)):
-        setattr(args, name, value)
-    return args
+        "--num-query-groups", "2", "--seq-length", "64", "--device", "cpu"])
+    model, layout = arguments.model_and_layout(args, world_size=1)
+    return model.with_vocab(256), layout
 
 
-def build(args, core_attention=None):
-    spec = builder.layer_spec(args, on_cpu=True)
+def build(model_layout, core_attention=None):
+    model, layout = model_layout
+    spec = builder.layer_spec(model, layout, on_cpu=True)
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=core_attention)
     return builder.PositionIdsGPTModel(
-        config=builder.transformer_config(args, on_cpu=True), transformer_layer_spec=spec,
-        vocab_size=args.padded_vocab_size, max_sequence_length=64, pre_process=True,
+        config=builder.transformer_config(model, layout, on_cpu=True), transformer_layer_spec=spec,
+        vocab_size=model.padded_vocab_size, max_sequence_length=64, pre_process=True,
         post_process=True, position_embedding_type="rope")
 
 
@@ -57,14 +54,14 @@ def main(save_dir: str) -> None:
 
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    args = tiny_args(save_dir)
-    local = build(args)
-    checkpointing.save(save_dir, 1, [local], None, None, 0, args)
+    model_layout = tiny_model()
+    local = build(model_layout)
+    checkpointing.save(save_dir, 1, [local], None, None, 0, model_layout[0])
 
     torch.manual_seed(1)
-    with_extra = build(args, AttentionWithExtraState)
+    with_extra = build(model_layout, AttentionWithExtraState)
     assert any(k.endswith("core_attention._extra_state") for k in with_extra.state_dict())
-    checkpointing.load(save_dir, [with_extra], None, None, args)
+    checkpointing.load(save_dir, [with_extra], None, None, model_layout[0])
     loaded = with_extra.state_dict()
     weights = {k: v for k, v in local.state_dict().items()
                if isinstance(v, torch.Tensor) and v.dtype.is_floating_point}

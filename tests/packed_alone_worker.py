@@ -26,16 +26,15 @@ def main(tokenizer_model: str, texts_json: str) -> None:
     args = arguments.build_parser().parse_args([
         "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--num-query-groups", "2", "--seq-length", "512", "--device", "cpu"])
-    # Model-side defaults only (no data flags): what arguments.finalize() would derive.
-    args.data_parallel_size, args.padded_vocab_size = 1, 32000
-    for name, value in (("kv_channels", 16), ("ffn_hidden_size", 192),
-                        ("max_position_embeddings", 512), ("packed_documents", True)):
-        setattr(args, name, value)
+    # The model part only (no data flags), as arguments.finalize() derives it.
+    model_config, layout = arguments.model_and_layout(args, world_size=1)
+    model_config = model_config.with_vocab(32000)
     parallel.initialize(device="cpu")
     torch.manual_seed(0)
     from megatron.core import tensor_parallel
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    model = build_model(args, transformer_config(args, on_cpu=True), True, args.padded_vocab_size)
+    model = build_model(model_config, layout, transformer_config(model_config, layout, on_cpu=True),
+                        True)
     model.eval()
 
     tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)

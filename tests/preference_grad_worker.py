@@ -28,12 +28,11 @@ def gradients(s, layout: str):
 
 def main() -> None:
     *flags, output = sys.argv[1:]
-    args = arguments.parse(flags)
-    info, plat = parallel.initialize(args.tensor_model_parallel_size,
-                                     args.pipeline_model_parallel_size,
-                                     args.context_parallel_size, device=args.device)
+    cfg = arguments.parse(flags)
+    info, plat = parallel.initialize(cfg.layout.tp, cfg.layout.pp, cfg.layout.cp,
+                                     device=cfg.distributed.device)
     try:
-        s = train.setup(args, plat)
+        s = train.setup(cfg, plat)
         separate, grads_separate = gradients(s, "separate")
         shared, grads_shared = gradients(s, "shared-prefix")
         worst, worst_name = 0.0, None

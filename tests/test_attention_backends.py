@@ -27,6 +27,7 @@ from launch import (
     torchrun,
 )
 from megatron_ext import arguments
+from megatron_ext.config import document_masking_source
 from megatron_ext.errors import ArgumentError
 from megatron_ext.model import attention_backends
 from megatron_ext.model.attention_backends import plan_attention
@@ -43,6 +44,15 @@ def flags(*extra, cp=1, tp=1, heads=8):
     return args
 
 
+def plan_for(args, on_cpu, training, seq_lengths=None):
+    """plan_attention for these flags: the model and layout as training builds them."""
+    model, layout = arguments.model_and_layout(
+        args, args.tensor_model_parallel_size * args.context_parallel_size)
+    masks = document_masking_source(args.objective,
+                                    args.packed_documents or args.reset_attention_mask)
+    return plan_attention(model, layout, on_cpu, training, seq_lengths, masks)
+
+
 @pytest.fixture
 def te_present(monkeypatch):
     monkeypatch.setattr(attention_backends, "te_available", lambda: True)
@@ -53,13 +63,13 @@ def te_present(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 def test_auto_picks_flex_on_cuda_and_blockwise_on_cpu(te_present):
-    on_gpu = plan_attention(flags(), on_cpu=False, training=True)
+    on_gpu = plan_for(flags(), on_cpu=False, training=True)
     assert (on_gpu.backend, on_gpu.layer_spec) == ("flex", "transformer_engine")
-    on_cpu = plan_attention(flags(), on_cpu=True, training=True)
+    on_cpu = plan_for(flags(), on_cpu=True, training=True)
     assert (on_cpu.backend, on_cpu.layer_spec) == ("blockwise", "local")
     # Never TE's attention unless asked for, also with packed documents on a TE machine.
-    assert plan_attention(flags("--packed-documents"), on_cpu=False, training=True).backend == "flex"
-    assert plan_attention(flags("--attention-backend", "torch"), on_cpu=True,
+    assert plan_for(flags("--packed-documents"), on_cpu=False, training=True).backend == "flex"
+    assert plan_for(flags("--attention-backend", "torch"), on_cpu=True,
                           training=True).backend == "blockwise"  # the former name
 
 
@@ -75,17 +85,17 @@ def test_auto_picks_flex_on_cuda_and_blockwise_on_cpu(te_present):
 ])
 def test_refusals_name_the_flag(extra, on_cpu, training, message):
     with pytest.raises(ArgumentError, match=message.replace("+", r"\+")):
-        plan_attention(flags(*extra), on_cpu=on_cpu, training=training)
+        plan_for(flags(*extra), on_cpu=on_cpu, training=training)
 
 
 def test_flex_chunks_must_fit_the_kernel_tile_under_cp():
-    plan_attention(flags("--attention-backend", "flex", "--seq-length", "4096"), on_cpu=False,
+    plan_for(flags("--attention-backend", "flex", "--seq-length", "4096"), on_cpu=False,
                    training=True, seq_lengths=[4096])
     with pytest.raises(ArgumentError, match=r"--seq-length 2560 / \(2 x --context-parallel-size 4\) = 320"):
-        plan_attention(flags("--attention-backend", "flex", cp=4), on_cpu=False, training=True,
+        plan_for(flags("--attention-backend", "flex", cp=4), on_cpu=False, training=True,
                        seq_lengths=[2560])
     # On CPU (forward only) FlexAttention takes any length.
-    plan_attention(flags("--attention-backend", "flex"), on_cpu=True, training=False,
+    plan_for(flags("--attention-backend", "flex"), on_cpu=True, training=False,
                    seq_lengths=[1000])
 
 
@@ -95,36 +105,36 @@ def test_te_refuses_packed_documents_and_names_flex(te_present, extra):
     args = flags("--attention-backend", "te", *extra)
     args.packed_documents = args.packed_documents or args.reset_attention_mask
     with pytest.raises(ArgumentError, match="use --attention-backend flex"):
-        plan_attention(args, on_cpu=False, training=True)
+        plan_for(args, on_cpu=False, training=True)
 
 
 def test_te_refuses_preference_data(te_present):
     args = flags("--attention-backend", "te")
     args.objective = "preference"
     with pytest.raises(ArgumentError, match="preference data.*--attention-backend flex"):
-        plan_attention(args, on_cpu=False, training=True)
+        plan_for(args, on_cpu=False, training=True)
 
 
 def test_te_context_parallel_exchanges(te_present):
     te = ("--attention-backend", "te")
-    assert plan_attention(flags(*te, cp=2), on_cpu=False, training=True).cp_comm_type == "p2p"
+    assert plan_for(flags(*te, cp=2), on_cpu=False, training=True).cp_comm_type == "p2p"
     # Megatron-LM's help spelling is translated to TE's name.
-    plan = plan_attention(flags(*te, "--cp-comm-type", "allgather", cp=2), on_cpu=False,
+    plan = plan_for(flags(*te, "--cp-comm-type", "allgather", cp=2), on_cpu=False,
                           training=True)
     assert plan.cp_comm_type == "all_gather"
     # a2a exchanges whole heads: 8 heads / TP 2 = 4 per rank, not divisible by CP 8 (by CP 2: fine).
     with pytest.raises(ArgumentError, match=r"--cp-comm-type a2a exchanges whole heads.*= 4\) must be divisible by --context-parallel-size \(8\)"):
-        plan_attention(flags(*te, "--cp-comm-type", "a2a", cp=8, tp=2), on_cpu=False,
+        plan_for(flags(*te, "--cp-comm-type", "a2a", cp=8, tp=2), on_cpu=False,
                        training=True)
-    plan_attention(flags(*te, "--cp-comm-type", "a2a", cp=2, tp=2), on_cpu=False, training=True)
+    plan_for(flags(*te, "--cp-comm-type", "a2a", cp=2, tp=2), on_cpu=False, training=True)
     # a2a+p2p needs Megatron's hierarchical groups, or TE gets no CP group at all.
     with pytest.raises(ArgumentError, match="needs --hierarchical-context-parallel-sizes"):
-        plan_attention(flags(*te, "--cp-comm-type", "a2a+p2p", cp=4), on_cpu=False, training=True)
+        plan_for(flags(*te, "--cp-comm-type", "a2a+p2p", cp=4), on_cpu=False, training=True)
     with pytest.raises(ArgumentError, match="product is --context-parallel-size"):
-        plan_attention(flags(*te, "--cp-comm-type", "a2a+p2p",
+        plan_for(flags(*te, "--cp-comm-type", "a2a+p2p",
                              "--hierarchical-context-parallel-sizes", "2", "3", cp=4),
                        on_cpu=False, training=True)
-    plan = plan_attention(flags(*te, "--cp-comm-type", "a2a+p2p",
+    plan = plan_for(flags(*te, "--cp-comm-type", "a2a+p2p",
                                 "--hierarchical-context-parallel-sizes", "2", "2", cp=4),
                           on_cpu=False, training=True)
     assert plan.hierarchical_cp_sizes == (2, 2)
@@ -132,11 +142,11 @@ def test_te_context_parallel_exchanges(te_present):
 
 def test_our_backends_refuse_te_exchanges():
     with pytest.raises(ArgumentError, match="--cp-comm-type p2p is a Transformer Engine exchange"):
-        plan_attention(flags("--cp-comm-type", "p2p", cp=2), on_cpu=True, training=True)
+        plan_for(flags("--cp-comm-type", "p2p", cp=2), on_cpu=True, training=True)
     with pytest.raises(ArgumentError, match="--hierarchical-context-parallel-sizes applies"):
-        plan_attention(flags("--hierarchical-context-parallel-sizes", "1", "2", cp=2),
+        plan_for(flags("--hierarchical-context-parallel-sizes", "1", "2", cp=2),
                        on_cpu=True, training=True)
-    assert plan_attention(flags("--cp-comm-type", "all_gather", cp=2), on_cpu=True,
+    assert plan_for(flags("--cp-comm-type", "all_gather", cp=2), on_cpu=True,
                           training=True).cp_comm_type == "all_gather"
 
 
@@ -146,7 +156,7 @@ def test_te_detection_follows_megatron_not_a_bare_import():
     from megatron.core.extensions import transformer_engine as megatron_te
 
     assert attention_backends.te_available() is bool(megatron_te.HAVE_TE) is False
-    assert plan_attention(flags(), on_cpu=False, training=True).layer_spec == "local"
+    assert plan_for(flags(), on_cpu=False, training=True).layer_spec == "local"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,14 +195,14 @@ from megatron_ext import arguments, parallel
 from megatron_ext.model import build_model, transformer_config
 args = arguments.build_parser().parse_args([
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8",
-    "--num-query-groups", "2", "--seq-length", "256", "--transformer-impl", "local"])
-args.objective = "pretrain"
-args.kv_channels, args.ffn_hidden_size, args.max_position_embeddings = 8, 128, 256
-args.data_parallel_size, args.padded_vocab_size = 1, 256
-config = transformer_config(args, on_cpu=False)  # what a GPU run builds
+    "--num-query-groups", "2", "--seq-length", "256", "--transformer-impl", "local",
+    "--ffn-hidden-size", "128"])
+model_config, layout = arguments.model_and_layout(args, world_size=1)
+model_config = model_config.with_vocab(256)
+config = transformer_config(model_config, layout, on_cpu=False)  # what a GPU run builds
 assert config.persist_layer_norm is False
 parallel.initialize(device="cpu")
-model = build_model(args, config, on_cpu=True, vocab_size=256)
+model = build_model(model_config, layout, config, on_cpu=True)
 print(sum(p.numel() for p in model.parameters()))
 parallel.destroy()
 """
@@ -295,5 +305,5 @@ def test_local_checkpoints_load_where_core_attention_keeps_extra_state(tmp_path)
 
 
 def test_auto_falls_back_to_blockwise_where_flex_tiles_do_not_fit():
-    plan = plan_attention(flags("--seq-length", "1000"), on_cpu=False, training=True)
+    plan = plan_for(flags("--seq-length", "1000"), on_cpu=False, training=True)
     assert plan.backend == "blockwise"

@@ -9,7 +9,7 @@ from launch import run
 from megatron_ext.arguments import parse
 from megatron_ext.data import token_flags
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
-from megatron_ext.objectives import datasets_from_args
+from megatron_ext.objectives import datasets_for
 from megatron_ext.data.tokenizer import build_tokenizer
 
 
@@ -27,9 +27,9 @@ def test_dump_matches_the_training_loader(books_data, tmp_path):
     assert [r["index"] for r in records] == [0, 1, 2]
 
     # The same samples straight from the loader training builds from the same flags.
-    args = parse([*flags, "--train-iters", "3"], world_size=2)
+    cfg = parse([*flags, "--train-iters", "3"], world_size=2)
     tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)
-    train, _, _ = datasets_from_args(args, tokenizer, [3, 0, 0])
+    train, _, _ = datasets_for(cfg, tokenizer, [3, 0, 0])
     batches = MicroBatchIterator(train, BatchLayout(1, 1, 0, 1))
     for record in records:
         batch = next(batches)

@@ -49,7 +49,7 @@ def test_training_and_evaluation_refuse_alike(heads, groups, message):
         flags + ["--eval-data", "x", "--output", "y", "--tokenizer-type",
                  "SentencePieceTokenizer", "--tokenizer-model", "z"])
     with pytest.raises(ArgumentError, match=message):
-        evaluate_cli.finalize_model_args(eval_args, 8)
+        evaluate_cli.finalize(eval_args, 8)
 
 
 def _import_graph(package_dir):

@@ -323,10 +323,11 @@ def test_bad_flags_are_refused_early(pref_data, demo_data):
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "2048", "--max-position-embeddings", "8192", "--data-path", prefix,
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]
-    args = finalize(base)
-    assert args.objective == "preference" and args.preference_loss == "logo"
-    assert (args.beta, args.gamma, args.sft_weight) == (10.0, 3.0, 0.1)
-    assert finalize([*base, "--beta", "2", "--gamma", "0.7"]).gamma == 0.7
+    cfg = finalize(base)
+    options = cfg.objective.options
+    assert cfg.objective.name == "preference" and options.preference_loss == "logo"
+    assert (options.beta, options.gamma, options.sft_weight) == (10.0, 3.0, 0.1)
+    assert finalize([*base, "--beta", "2", "--gamma", "0.7"]).objective.options.gamma == 0.7
     for extra, message in (
             (["--preference-loss", "simpo", "--num-rejected", "2"], "--num-rejected 1"),
             (["--objective", "sft"], "--objective sft"),
@@ -344,7 +345,7 @@ def test_bad_flags_are_refused_early(pref_data, demo_data):
 
 def test_rows_that_do_not_fit_are_an_error(pref_data, tmp_path):
     from megatron_ext.data.tokenizer import build_tokenizer
-    from megatron_ext.objectives import datasets_from_args
+    from megatron_ext.objectives import datasets_for
 
     prefix, hf_dir, longest = pref_data
     tokenizer = build_tokenizer("HuggingFaceTokenizer", hf_dir)
@@ -353,12 +354,12 @@ def test_rows_that_do_not_fit_are_an_error(pref_data, tmp_path):
             "HuggingFaceTokenizer", "--tokenizer-model", hf_dir, "--split", "100,0,0"]
     short = finalize([*base, "--seq-length", str(longest["shared-prefix"] - 1)])
     with pytest.raises(ValueError, match="do not fit --seq-length"):
-        datasets_from_args(short, tokenizer, [4, 0, 0])
+        datasets_for(short, tokenizer, [4, 0, 0])
     fits = finalize([*base, "--seq-length", str(longest["shared-prefix"])])
-    assert datasets_from_args(fits, tokenizer, [4, 0, 0])[0] is not None
+    assert datasets_for(fits, tokenizer, [4, 0, 0])[0] is not None
     too_many = finalize([*base, "--seq-length", str(longest["separate"]), "--num-rejected", "3"])
     with pytest.raises(ValueError, match="--num-rejected 3"):
-        datasets_from_args(too_many, tokenizer, [4, 0, 0])
+        datasets_for(too_many, tokenizer, [4, 0, 0])
 
 
 @pytest.mark.multiprocess

@@ -18,10 +18,8 @@ prompt, aligned with the input ids) and position_ids as separate sequences, plus
 the one sequence the model sees in the --preference-packing layout.
 """
 
-import sys
-
-
 from megatron_ext import arguments
+from megatron_ext.errors import UserError
 from megatron_ext.data.batch_records import SPLITS, sample_records, write_records
 
 
@@ -37,15 +35,12 @@ def main(argv=None) -> int:
         # World size: the layout given by the flags, so CP slices can be shown without launching.
         world = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
                  * args.context_parallel_size)
-        arguments.finalize(args, world_size=world)
+        cfg = arguments.finalize(args, world_size=world)
         if args.num_samples < 1:
             raise arguments.ArgumentError("--num-samples must be >= 1")
-        count = write_records(sample_records(args, args.num_samples, args.inspect_split,
+        count = write_records(sample_records(cfg, args.num_samples, args.inspect_split,
                                              args.decode), args.output)
-    except arguments.ArgumentError as err:
+    except UserError as err:
         parser.error(str(err))
-    except ValueError as err:
-        print(f"inspect_batches.py: error: {err}", file=sys.stderr)
-        return 2
     print(f"wrote {count} samples to {args.output}")
     return 0

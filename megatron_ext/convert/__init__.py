@@ -2,15 +2,15 @@
 
 One declarative mapping table per model family (``tables.py``: Llama, Mistral, Qwen2) with the
 tensor transforms it names (``transforms.py``), applied in either direction by ``engine.py``;
-configs translate through ``hf_config.py``. ``import_hf.py`` / ``export_hf.py`` stream tensors
+configs are read by ``hf_config.py`` and mapped to ours by one two-way table (``architecture.py``). ``import_hf.py`` / ``export_hf.py`` stream tensors
 between safetensors (``hf_io.py``) and Megatron's torch_dist format (``megatron_ckpt.py``);
 ``parity.py`` compares logits. Command line: ``tools/convert_checkpoint.py {hf-to-megatron,
 megatron-to-hf, verify}``. The entry points below import Megatron lazily, so ``model_flags`` stays
 cheap to import.
 """
 
-from megatron_ext.convert.hf_config import (ConversionError, ModelSpec, model_flags,  # noqa: F401
-                                            read_hf_config)
+from megatron_ext.convert.architecture import model_flags  # noqa: F401
+from megatron_ext.convert.hf_config import ConversionError, ModelSpec, read_hf_config  # noqa: F401
 from megatron_ext.convert.tables import FAMILIES  # noqa: F401
 
 

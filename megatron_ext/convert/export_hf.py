@@ -19,9 +19,8 @@ import torch
 from tqdm import tqdm
 
 from megatron_ext.convert import engine
-from megatron_ext.convert.hf_config import (ConversionError, read_hf_config,
-                                            spec_from_model_args, spec_matches_model_args,
-                                            to_hf_config)
+from megatron_ext.convert.architecture import spec_from_model_args, spec_matches_model_args
+from megatron_ext.convert.hf_config import ConversionError, read_hf_config, to_hf_config
 from megatron_ext.convert.hf_io import SafetensorsShardWriter, copy_tokenizer_files, parse_size
 from megatron_ext.convert.megatron_ckpt import (MegatronCheckpointReader, dtype_from_name,
                                                 read_extra_file, single_process_group)
@@ -75,7 +74,8 @@ def megatron_to_hf(megatron_dir: str, hf_dir: str, reference_hf_dir: Optional[st
             spec = spec_from_model_args(reader.model_args)
             warnings.warn(f"no HF config for {reader.checkpoint_dir}: exporting as "
                           f"{spec.family.architecture} with the padded vocabulary "
-                          f"({spec.vocab_size}) and no RoPE scaling; pass --reference-hf-dir")
+                          f"({spec.vocab_size}) and the RoPE scaling model_args.json records; "
+                          f"pass --reference-hf-dir")
 
         groups = engine.groups(spec)
         megatron_shapes = {m.megatron: reader.shape(m.megatron) for g in groups for m in g}

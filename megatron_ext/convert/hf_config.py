@@ -1,13 +1,14 @@
-"""Hugging Face config.json <-> our model description <-> megatron_ext.train flags.
+"""Hugging Face config.json <-> ``ModelSpec``, the model as Hugging Face describes it.
 
-``ModelSpec`` is the one neutral description both directions go through. It is read from either
-config layout:
+``ModelSpec`` is the description both conversion directions go through (``architecture.py`` maps
+it to our ``ModelConfig``, training flags and ``model_args.json``). It is read from either config
+layout:
 
   transformers 4:  top-level ``rope_theta`` + ``rope_scaling`` ({"type"|"rope_type": ..., ...})
   transformers 5:  ``rope_parameters`` ({"rope_type": ..., "rope_theta": ..., ...})
 
 and written back in whatever layout the installed transformers writes (``save_pretrained``).
-Nothing here imports Megatron or train.py: ``model_flags(config)`` is usable on its own.
+Nothing here imports Megatron or train.py.
 """
 
 from __future__ import annotations
@@ -163,50 +164,13 @@ def read_hf_config(config) -> ModelSpec:
 
 
 # ------------------------------------------------------------------------------------------
-# megatron_ext.train flags
+# Layout rules and vocabulary padding (the mapping to our names is convert/architecture.py)
 # ------------------------------------------------------------------------------------------
-
-def _num(x: float) -> str:
-    """Shortest text that parses back to exactly ``x``."""
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
-
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int = 1) -> int:
     """Same rule as megatron_ext.data.tokenizer.padded_vocab_size (lcm, layout independent)."""
     multiple = math.lcm(divisible_by, tensor_parallel_size)
     return -(-vocab_size // multiple) * multiple
-
-
-def model_flags(config, make_vocab_size_divisible_by: int = 128) -> List[str]:
-    """``megatron_ext.train`` model flags for a HF config (folder, config.json, dict, config)."""
-    spec = config if isinstance(config, ModelSpec) else read_hf_config(config)
-    flags = [
-        "--num-layers", str(spec.num_layers),
-        "--hidden-size", str(spec.hidden_size),
-        "--ffn-hidden-size", str(spec.ffn_hidden_size),
-        "--num-attention-heads", str(spec.num_attention_heads),
-        "--group-query-attention",
-        "--num-query-groups", str(spec.num_query_groups),
-        "--kv-channels", str(spec.head_dim),
-        "--max-position-embeddings", str(spec.max_position_embeddings),
-        "--position-embedding-type", "rope",
-        "--rotary-base", _num(spec.rope_theta),
-        "--normalization", "RMSNorm",
-        "--norm-epsilon", _num(spec.rms_norm_eps),
-        "--swiglu",
-        "--disable-bias-linear",
-        "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by),
-    ]
-    if spec.qkv_bias:
-        flags.append("--add-qkv-bias")
-    if not spec.tie_word_embeddings:
-        flags.append("--untie-embeddings-and-output-weights")
-    scaling = spec.rope_scaling or {}
-    if scaling.get("rope_type") == "llama3":
-        flags += ["--use-rope-scaling", "--rope-scaling-factor", _num(scaling["factor"])]
-    elif scaling.get("rope_type") == "linear":
-        flags += ["--rotary-seq-len-interpolation-factor", _num(scaling["factor"])]
-    return flags
 
 
 def check_layout(spec: ModelSpec, tp: int, pp: int) -> None:
@@ -217,43 +181,8 @@ def check_layout(spec: ModelSpec, tp: int, pp: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Megatron checkpoint -> ModelSpec, and ModelSpec -> transformers config
+# ModelSpec -> transformers config
 # ------------------------------------------------------------------------------------------
-
-def spec_matches_model_args(spec: ModelSpec, model_args: Mapping[str, Any]) -> List[str]:
-    """Differences between a ModelSpec and a checkpoint's model_args.json (empty: consistent)."""
-    expected = {
-        "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
-        "ffn_hidden_size": spec.ffn_hidden_size, "num_attention_heads": spec.num_attention_heads,
-        "num_query_groups": spec.num_query_groups, "kv_channels": spec.head_dim,
-        "norm_epsilon": spec.rms_norm_eps, "rotary_base": spec.rope_theta,
-        "untie_embeddings_and_output_weights": not spec.tie_word_embeddings,
-        "add_qkv_bias": spec.qkv_bias,
-    }
-    out = [f"{k}: HF config {v!r} vs checkpoint {model_args[k]!r}"
-           for k, v in expected.items() if k in model_args and model_args[k] != v]
-    if model_args.get("padded_vocab_size", spec.vocab_size) < spec.vocab_size:
-        out.append(f"vocab_size: HF config {spec.vocab_size} > checkpoint padded vocab "
-                   f"{model_args['padded_vocab_size']}")
-    return out
-
-
-def spec_from_model_args(model_args: Mapping[str, Any]) -> ModelSpec:
-    """Best effort without a HF config: Qwen2 if QKV bias else Llama; vocab stays padded."""
-    family = FAMILIES["qwen2" if model_args.get("add_qkv_bias") else "llama"]
-    return ModelSpec(
-        family=family,
-        num_layers=model_args["num_layers"], hidden_size=model_args["hidden_size"],
-        ffn_hidden_size=model_args["ffn_hidden_size"],
-        num_attention_heads=model_args["num_attention_heads"],
-        num_query_groups=model_args["num_query_groups"], head_dim=model_args["kv_channels"],
-        vocab_size=model_args["padded_vocab_size"],
-        max_position_embeddings=model_args.get("max_position_embeddings") or 2048,
-        rms_norm_eps=model_args["norm_epsilon"],
-        tie_word_embeddings=not model_args["untie_embeddings_and_output_weights"],
-        rope_theta=float(model_args["rotary_base"]),
-    )
-
 
 # Fields the export derives from the ModelSpec; everything else is kept from the reference config.
 _V4_ROPE_KEYS = ("rope_theta", "rope_scaling")

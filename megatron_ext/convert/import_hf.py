@@ -21,11 +21,12 @@ import torch
 from tqdm import tqdm
 
 from megatron_ext.convert import engine
-from megatron_ext.convert.hf_config import (ConversionError, ModelSpec, check_layout, model_flags,
+from megatron_ext.convert.architecture import model_flags
+from megatron_ext.convert.hf_config import (ConversionError, ModelSpec, check_layout,
                                             padded_vocab_size, read_hf_config)
 from megatron_ext.convert.hf_io import HFCheckpointReader
-from megatron_ext.convert.megatron_ckpt import (build_meta_model, dtype_from_name,
-                                                megatron_namespace, single_process_group,
+from megatron_ext.convert.megatron_ckpt import (build_meta_model, converted_model,
+                                                dtype_from_name, single_process_group,
                                                 tensor_shapes, write_release)
 from megatron_ext.convert.tables import state_dict_name
 
@@ -119,7 +120,7 @@ def hf_to_megatron(hf_dir: str, megatron_dir: str, tensor_model_parallel_size: i
     torch_dtype = (dtype_from_name(dtype) or dtype_from_name(spec.dtype)
                    or _ST_TO_TORCH[reader.dtype_name(next(iter(reader.shapes())))])
     padded = padded_vocab_size(spec.vocab_size, make_vocab_size_divisible_by, tp)
-    args = megatron_namespace(spec, padded, torch_dtype, make_vocab_size_divisible_by)
+    model_config, _ = converted_model(spec, padded, torch_dtype, make_vocab_size_divisible_by)
     with open(os.path.join(hf_dir, "config.json")) as f:
         source_config = f.read()
 
@@ -128,13 +129,13 @@ def hf_to_megatron(hf_dir: str, megatron_dir: str, tensor_model_parallel_size: i
     engine.check_hf(spec, reader.shapes(), shapes)  # fail fast: before any process group
 
     with single_process_group():
-        model = build_meta_model(args)
+        model = build_meta_model(model_config)
         engine.compare_shapes(shapes, tensor_shapes(model), "Megatron-Core's GPTModel")
         n_tensors = len(engine.mappings(spec))
         bar = tqdm(total=n_tensors, unit="tensor", desc="hf-to-megatron", disable=not progress,
                    file=sys.stderr)
         materialize = _Materializer(spec, reader, shapes, lambda: bar.update(1))
-        release_dir = write_release(megatron_dir, model, args, materialize,
+        release_dir = write_release(megatron_dir, model, model_config, materialize,
                                     {"hf_config.json": source_config})
         bar.close()
         reader.release()

@@ -14,7 +14,6 @@ under reads the same.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -34,7 +33,10 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from megatron_ext import checkpointing, parallel
-from megatron_ext.convert.hf_config import ConversionError, ModelSpec, model_flags
+from megatron_ext.config import ModelConfig
+from megatron_ext.convert import architecture
+from megatron_ext.convert.hf_config import ConversionError, ModelSpec
+from megatron_ext.layout import Layout
 from megatron_ext.convert.tables import checkpoint_key
 
 # (checkpoint key, chunk offset, chunk sizes, dtype) -> the chunk
@@ -86,33 +88,24 @@ def process_group(tp: int = 1, pp: int = 1) -> Iterator[None]:
         parallel_state.destroy_model_parallel()
 
 
-def megatron_namespace(spec: ModelSpec, padded_vocab_size: int, dtype: torch.dtype,
-                       make_vocab_size_divisible_by: int = 128, tp: int = 1, pp: int = 1
-                       ) -> argparse.Namespace:
-    """train.py's argument namespace for this model, with the derived fields ``finalize`` sets."""
-    from megatron_ext import arguments
-
-    args = arguments.build_parser().parse_args(
-        model_flags(spec, make_vocab_size_divisible_by)
-        + ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-           "--transformer-impl", "local", "--device", "cpu"])
-    args.bf16 = dtype == torch.bfloat16
-    args.fp16 = dtype == torch.float16
-    args.padded_vocab_size = padded_vocab_size
-    args.seq_length = min(args.seq_length, spec.max_position_embeddings)
-    args.world_size, args.data_parallel_size = tp * pp, 1
-    args.finetune, args.no_load_optim, args.no_load_rng = True, True, True
-    return args
+def converted_model(spec: ModelSpec, padded_vocab_size: int, dtype: torch.dtype,
+                    make_vocab_size_divisible_by: int = 128, tp: int = 1, pp: int = 1,
+                    seq_length: Optional[int] = None) -> Tuple[ModelConfig, Layout]:
+    """The model a converted checkpoint holds, and the (one-replica) layout to build it under."""
+    model = architecture.model_config(
+        spec, padded_vocab_size, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by, seq_length=seq_length)
+    return model, Layout(tp, pp, error=ConversionError)
 
 
-def build_meta_model(args: argparse.Namespace):
+def build_meta_model(model: ModelConfig, layout: Layout = Layout()):
     """GPTModel (local spec, this process's TP/PP stage) with parameters on the meta device."""
     from megatron_ext.model import build_model, transformer_config
 
-    config = transformer_config(args, on_cpu=True)
+    config = transformer_config(model, layout, on_cpu=True)
     config.perform_initialization = False
     with torch.device("meta"):
-        return build_model(args, config, True, args.padded_vocab_size)
+        return build_model(model, layout, config, True)
 
 
 def tensor_shapes(model) -> Dict[str, Tuple[int, ...]]:
@@ -169,7 +162,7 @@ class StreamingTorchDistSave(SaveShardedStrategy):
                  no_dist=torch.distributed.get_world_size() == 1)
 
 
-def write_release(root: str, model, args: argparse.Namespace, materialize: Materialize,
+def write_release(root: str, model, model_config: ModelConfig, materialize: Materialize,
                   extra_files: Dict[str, str], on_tensor: Callable[[], None] = lambda: None) -> str:
     """``root/release`` + model_args.json + tracker, the layout checkpointing.save writes."""
     final_dir = os.path.join(root, "release")
@@ -190,9 +183,7 @@ def write_release(root: str, model, args: argparse.Namespace, materialize: Mater
         dist_checkpointing.save(state, tmp_dir,
                                 sharded_strategy=StreamingTorchDistSave(materialize, on_tensor))
     with open(os.path.join(tmp_dir, "model_args.json"), "w") as f:
-        json.dump(checkpointing.architecture_of(args)
-                  | {"max_position_embeddings": args.max_position_embeddings,
-                     "seq_length": args.seq_length}, f, indent=2)
+        json.dump(checkpointing.model_record(model_config), f, indent=2)
     for name, text in extra_files.items():
         with open(os.path.join(tmp_dir, name), "w") as f:
             f.write(text)

@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 
 from megatron_ext.convert.hf_config import read_hf_config
-from megatron_ext.convert.megatron_ckpt import megatron_namespace
+from megatron_ext.convert.megatron_ckpt import converted_model
 
 
 def austen_text(chars: int = 20000) -> str:
@@ -47,13 +47,13 @@ def megatron_logits(hf_dir: str, megatron_dir: str, tokens: torch.Tensor, tp: in
     spec = read_hf_config(hf_dir)
     ckpt_dir, _ = checkpointing.checkpoint_dir_to_load(megatron_dir)
     saved = checkpointing.read_model_args(ckpt_dir)
-    args = megatron_namespace(spec, saved["padded_vocab_size"], torch.float32, tp=tp)
-    args.seq_length = tokens.shape[1]
+    model_config, layout = converted_model(spec, saved["padded_vocab_size"], torch.float32, tp=tp,
+                                           seq_length=tokens.shape[1])
     tensor_parallel.model_parallel_cuda_manual_seed(1234)  # the RNG tracker attention expects
-    config = transformer_config(args, on_cpu=True)
+    config = transformer_config(model_config, layout, on_cpu=True)
     config.perform_initialization = False
-    model = build_model(args, config, True, args.padded_vocab_size)
-    checkpointing.load(megatron_dir, [model], None, None, args)
+    model = build_model(model_config, layout, config, True)
+    checkpointing.load(megatron_dir, [model], None, None, model_config)
     model.eval()
     positions = torch.arange(tokens.shape[1]).unsqueeze(0)
     with torch.no_grad():

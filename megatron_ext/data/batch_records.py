@@ -1,6 +1,6 @@
 """What the loader feeds the model, as plain JSON: for users checking their data pipeline.
 
-Uses the training flags and the training code path (``datasets_from_args`` and the global sample
+Uses the training flags and the training code path (``datasets_for`` and the global sample
 order of ``MicroBatchIterator``), so a record shows exactly the tokens, labels, loss mask, position
 ids and document ids a training step would see, plus where recorded segments and documents start.
 
@@ -18,35 +18,39 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
+from megatron_ext.config import RunConfig
 from megatron_ext.data import token_flags
 from megatron_ext.data.context_parallel import cp_token_indices
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
-from megatron_ext.objectives import datasets_from_args
+from megatron_ext.objectives import datasets_for
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 
 
-def sample_records(args, num_samples: int, split: str = "train", decode: bool = False
+def sample_records(cfg: RunConfig, num_samples: int, split: str = "train", decode: bool = False
                    ) -> Iterator[Dict]:
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     sizes = [num_samples if name == split else 0 for name in SPLITS]
-    dataset = datasets_from_args(args, tokenizer, sizes)[SPLITS.index(split)]
+    dataset = datasets_for(cfg, tokenizer, sizes)[SPLITS.index(split)]
     if dataset is None:
-        raise UserError(f"--split {args.split} leaves the {split} split without documents")
-    if args.objective == "preference":
-        yield from _preference_records(dataset, num_samples, args, tokenizer if decode else None)
+        raise UserError(f"--split {cfg.data.split} leaves the {split} split without documents")
+    cp = cfg.layout.cp
+    if cfg.objective.name == "preference":
+        yield from _preference_records(dataset, num_samples, cfg.objective.options, cp,
+                                       tokenizer if decode else None)
         return
     # One rank holding the whole global batch: the global order every layout shares.
     batches = MicroBatchIterator(dataset, BatchLayout(1, 1, 0, 1))
     for index in range(num_samples):
         batch = {key: value[0] for key, value in next(batches).items()}
-        yield _record(index, batch, _flags_of(dataset, index), args, tokenizer if decode else None)
+        yield _record(index, batch, _flags_of(dataset, index), cp, tokenizer if decode else None)
 
 
-def _preference_records(dataset, num_samples: int, args, tokenizer) -> Iterator[Dict]:
-    names = ["chosen"] + [f"rejected_{j}" for j in range(1, args.num_rejected + 1)]
+def _preference_records(dataset, num_samples: int, options, cp: int, tokenizer
+                        ) -> Iterator[Dict]:
+    names = ["chosen"] + [f"rejected_{j}" for j in range(1, options.num_rejected + 1)]
     for index in range(num_samples):
         record = {"index": index, "row": dataset.row_of(index)}
         branches = dataset.branches(index)
@@ -59,8 +63,8 @@ def _preference_records(dataset, num_samples: int, args, tokenizer) -> Iterator[
         if tokenizer is not None:
             prompt = branches[0]["input_ids"][branches[0]["labels"] == -100]
             record["prompt_text"] = tokenizer.detokenize(prompt.tolist())
-        record["packed"] = {"layout": args.preference_packing,
-                            **_record(index, dataset[index], None, args, None)}
+        record["packed"] = {"layout": options.preference_packing,
+                            **_record(index, dataset[index], None, cp, None)}
         yield record
 
 
@@ -72,7 +76,7 @@ def _flags_of(dataset, index: int) -> Optional[np.ndarray]:
     return dataset.sample_flags(index)
 
 
-def _record(index: int, batch: Dict, flags: Optional[np.ndarray], args, tokenizer) -> Dict:
+def _record(index: int, batch: Dict, flags: Optional[np.ndarray], cp: int, tokenizer) -> Dict:
     record = {"index": index}
     for key, value in batch.items():
         record[key] = value.tolist()
@@ -83,10 +87,9 @@ def _record(index: int, batch: Dict, flags: Optional[np.ndarray], args, tokenize
                                           + 1).tolist()
         record["document_starts"] = [0] + (np.flatnonzero(inputs[:-1] & token_flags.DOCUMENT_END)
                                            + 1).tolist()
-    if args.context_parallel_size > 1:
+    if cp > 1:
         record["cp_rank_token_indices"] = [
-            cp_token_indices(len(batch["tokens"]), args.context_parallel_size, rank).tolist()
-            for rank in range(args.context_parallel_size)]
+            cp_token_indices(len(batch["tokens"]), cp, rank).tolist() for rank in range(cp)]
     if tokenizer is not None:
         record["text"] = tokenizer.detokenize(batch["tokens"].tolist())
     return record

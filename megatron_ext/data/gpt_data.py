@@ -116,25 +116,26 @@ def build_gpt_datasets(
                                          config).build()
 
 
-def build_preference_datasets(args, tokenizer, num_samples: List[int]):
-    """[train, valid, test] preference datasets (None for a split nobody reads); the number of
-    rejected answers is ``args.num_rejected`` (filled from the data while the flags are read)."""
+def build_preference_datasets(prefix: str, tokenizer, num_samples: List[int], *, split: str,
+                              seq_length: int, num_rejected: int, packing: str,
+                              position_scheme: str, target_seq_length: int, seed: int):
+    """[train, valid, test] preference datasets of the dataset at ``prefix`` (None for a split
+    nobody reads); ``num_rejected`` was filled from the data while the flags were read."""
     from megatron_ext.data.preference_samples import (PreferenceConfig, PreferenceDataset,
                                                       PreferenceRows, split_rows)
 
-    rows = PreferenceRows(args.data_blend[0][0])
+    rows = PreferenceRows(prefix)
     config = PreferenceConfig(
-        seq_length=args.seq_length, num_rejected=args.num_rejected,
-        layout=args.preference_packing, position_scheme=args.position_scheme,
-        target_seq_length=args.target_seq_length, seed=args.seed,
+        seq_length=seq_length, num_rejected=num_rejected, layout=packing,
+        position_scheme=position_scheme, target_seq_length=target_seq_length, seed=seed,
         pad_token=tokenizer.pad if tokenizer.pad is not None and tokenizer.pad >= 0 else tokenizer.eod)
     datasets = []
-    for name, part, count in zip(SPLIT_NAMES, split_rows(len(rows), args.split), num_samples):
+    for name, part, count in zip(SPLIT_NAMES, split_rows(len(rows), split), num_samples):
         if count <= 0:
             datasets.append(None)
             continue
         if len(part) == 0:
-            raise UserError(f"--split {args.split} gives the {name} split of {rows.prefix} no rows "
+            raise UserError(f"--split {split} gives the {name} split of {rows.prefix} no rows "
                              f"(it has {len(rows)}); raise the {name} share of --split")
         datasets.append(PreferenceDataset(rows, part, count, config, name))
     return datasets

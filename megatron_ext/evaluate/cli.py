@@ -16,9 +16,10 @@ import argparse
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from megatron_ext import arguments, checkpointing
+from megatron_ext.config import ModelConfig
 from megatron_ext.model import attention_backends
 from megatron_ext.errors import UserError, report
 from megatron_ext.layout import Layout, launched_world_size
@@ -67,44 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def finalize_model_args(args: argparse.Namespace, world_size: int) -> None:
-    """The model and layout part of training's ``arguments.finalize`` (which also insists on
-    training data): the same derived defaults and the same ``Layout`` rules."""
-    layout = Layout.from_args(args, world_size)
-    args.data_parallel_size, args.world_size = layout.dp, world_size
-    arguments.derive_model_defaults(args)
-    layout.check_model(heads=args.num_attention_heads, groups=args.num_query_groups,
-                       ffn=args.ffn_hidden_size, layers=args.num_layers)
-    if args.bf16 and args.fp16:
-        raise arguments.ArgumentError("--bf16 and --fp16 are mutually exclusive")
-    # Answer positions are picked from each rank's whole slice; sequence parallelism would split
-    # it over TP. It changes memory only, not numbers, so evaluation runs without it.
-    args.sequence_parallel = False
-    args.recompute_granularity = None
-
-
-def finalize(args: argparse.Namespace, world_size: int) -> EvalConfig:
-    """Validate everything that can be checked before any process group exists."""
-    finalize_model_args(args, world_size)
+def finalize(args: argparse.Namespace, world_size: int
+             ) -> Tuple[ModelConfig, Layout, EvalConfig]:
+    """Validate everything that can be checked before any process group exists; the model and
+    layout go through training's ``arguments.model_and_layout`` (same defaults, same rules)."""
     lengths = parse_lengths(args.lengths)
     config = EvalConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
                         lengths=lengths, depths=parse_depths(args.depths),
                         num_samples=args.num_samples, seed=args.seed,
                         bucket_size=args.bucket_size, chat_template=args.chat_template)
-    layout = Layout.from_args(args, world_size)
     for length in lengths:
-        layout.check_sequence(length, flag="--lengths")
-    args.seq_length = max(lengths)
-    # Forward passes only: flex may run on CPU here. Checked before any process group exists.
-    attention_backends.plan_attention(args, on_cpu=arguments.device_is_cpu(args), training=False,
-                                      seq_lengths=lengths)
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if args.seq_length > args.max_position_embeddings:
+        Layout.from_args(args, world_size).check_sequence(length, flag="--lengths")
+    longest = max(lengths)
+    if args.max_position_embeddings is not None and longest > args.max_position_embeddings:
         raise arguments.ArgumentError(
-            f"--lengths {args.seq_length} exceeds --max-position-embeddings "
+            f"--lengths {longest} exceeds --max-position-embeddings "
             f"({args.max_position_embeddings}); evaluate shorter lengths or raise it (with a "
             f"RoPE scaling that fits)")
+    args.seq_length = longest  # --seq-length is not used: the longest length is fed
+    # Answer positions are picked from each rank's whole slice; sequence parallelism would split
+    # it over TP. It changes memory only, not numbers, so evaluation runs without it.
+    args.sequence_parallel = False
+    args.recompute_granularity = None
+    model, layout = arguments.model_and_layout(args, world_size)
+    # Forward passes only: flex may run on CPU here. Checked before any process group exists.
+    attention_backends.plan_attention(model, layout, on_cpu=arguments.device_is_cpu(args.device),
+                                      training=False, seq_lengths=lengths)
     if not args.load:
         raise arguments.ArgumentError("--load CKPT is required: a checkpoint directory written "
                                       "by megatron_ext.train or tools/convert_checkpoint.py")
@@ -117,7 +106,7 @@ def finalize(args: argparse.Namespace, world_size: int) -> EvalConfig:
     if not (os.path.isfile(args.eval_data) or os.path.isfile(args.eval_data + ".bin")):
         raise arguments.ArgumentError(f"--eval-data {args.eval_data}: no such jsonl file or "
                                       f"indexed-dataset prefix ({args.eval_data}.bin/.idx)")
-    return config
+    return model, layout, config
 
 
 def progress_factory(enabled: bool):
@@ -137,7 +126,8 @@ def progress_factory(enabled: bool):
     return make
 
 
-def evaluate(args: argparse.Namespace, config: EvalConfig) -> int:
+def evaluate(args: argparse.Namespace, model_config: ModelConfig, layout: Layout,
+             config: EvalConfig) -> int:
     import torch
     from megatron.core import parallel_state, tensor_parallel
 
@@ -149,18 +139,17 @@ def evaluate(args: argparse.Namespace, config: EvalConfig) -> int:
     from megatron_ext.evaluate.tasks import run_tasks
 
     start = time.perf_counter()
-    _, plat = parallel.initialize(
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-        args.context_parallel_size, device=args.device,
-        timeout_minutes=args.distributed_timeout_minutes)
+    _, plat = parallel.initialize(layout.tp, layout.pp, layout.cp, device=args.device,
+                                  timeout_minutes=args.distributed_timeout_minutes)
     try:
         device = plat.device(torch.cuda.current_device() if not plat.is_cpu else 0)
         torch.manual_seed(args.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)  # the tracker attention needs
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         corpus = EvalCorpus(args.eval_data, tokenizer)
-        model = load_model(args, device, plat.is_cpu)
-        runner = ModelRunner(model, device, min(tokenizer.vocab_size, args.padded_vocab_size))
+        model_config, model = load_model(args.load, model_config, layout, device, plat.is_cpu)
+        runner = ModelRunner(model, device,
+                             min(tokenizer.vocab_size, model_config.padded_vocab_size))
         rank0 = parallel.is_rank0()
         results = run_tasks(runner, corpus, tokenizer, config,
                             progress_factory(rank0 and not args.no_progress))
@@ -175,14 +164,12 @@ def evaluate(args: argparse.Namespace, config: EvalConfig) -> int:
             "tasks": config.tasks, "lengths": config.lengths, "depths": config.depths,
             "num_samples": config.num_samples, "seed": config.seed,
             "bucket_size": config.bucket_size, "chat_template": config.chat_template,
-            "layout": {"tp": args.tensor_model_parallel_size,
-                       "pp": args.pipeline_model_parallel_size,
-                       "cp": args.context_parallel_size,
+            "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp,
                        "dp": parallel_state.get_data_parallel_world_size()},
             "device": plat.device_type,
-            "dtype": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-            "ran": attention_backends.what_ran(model, plat.device_type, args.context_parallel_size),
-            "model": checkpointing.architecture_of(args),
+            "dtype": model_config.dtype_name,
+            "ran": attention_backends.what_ran(model, plat.device_type, layout.cp),
+            "model": checkpointing.architecture_of(model_config),
             "seconds": round(time.perf_counter() - start, 2),
         }
         if rank0:
@@ -197,11 +184,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = finalize(args, launched_world_size())
+        model_config, layout, config = finalize(args, launched_world_size())
     except UserError as err:
         parser.error(str(err))
     try:
-        return evaluate(args, config)
+        return evaluate(args, model_config, layout, config)
     except UserError as err:
         # Input problems found after start-up: one clear line per rank, not a traceback.
         return report(PROG, err)

@@ -25,7 +25,6 @@ tokens, logits for every position would be tens of GB for a 150K vocabulary.
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,29 +33,32 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import checkpointing
+from megatron_ext.config import ModelConfig
+from megatron_ext.layout import Layout
 from megatron_ext.data.context_parallel import cp_token_indices, merge_cp_slices, slice_for_cp
 from megatron_ext.model.output_rows import OutputRows, unwrap
 
 Progress = Optional[Callable[[int], None]]
 
 
-def load_model(args: argparse.Namespace, device: torch.device, on_cpu: bool) -> torch.nn.Module:
-    """This rank's stage of the checkpoint under ``args.load``, weights only, in eval mode.
+def load_model(load: str, model_config: ModelConfig, layout: Layout, device: torch.device,
+               on_cpu: bool) -> Tuple[ModelConfig, torch.nn.Module]:
+    """This rank's stage of the checkpoint under ``load``, weights only, in eval mode, and the
+    model config with the checkpoint's embedding rows.
 
     The embedding size comes from the checkpoint (``model_args.json``), not the tokenizer:
     converted Qwen2 / SmolLM2 embeddings can be longer than their tokenizers.
     """
     from megatron_ext.model import build_model, transformer_config
 
-    ckpt_dir, _ = checkpointing.checkpoint_dir_to_load(args.load)
+    ckpt_dir, _ = checkpointing.checkpoint_dir_to_load(load)
     saved = checkpointing.read_model_args(ckpt_dir)
-    args.padded_vocab_size = int(saved["padded_vocab_size"])
-    config = transformer_config(args, on_cpu)
+    model_config = model_config.with_vocab(saved["padded_vocab_size"])
+    config = transformer_config(model_config, layout, on_cpu)
     config.perform_initialization = False  # every weight comes from the checkpoint
-    model = build_model(args, config, on_cpu, args.padded_vocab_size).to(device)
-    args.finetune, args.no_load_optim, args.no_load_rng = True, True, True
-    checkpointing.load(args.load, [model], None, None, args)
-    return model.eval()
+    model = build_model(model_config, layout, config, on_cpu).to(device)
+    checkpointing.load(load, [model], None, None, model_config, checkpointing.WEIGHTS_ONLY)
+    return model_config, model.eval()
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, vocab_limit: int) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 Wiring (two lines):
 
-    arguments.build_parser():        training_hook.add_arguments(p)
-    train loop, at --eval-interval:  training_hook.run_during_training(s.model, args, s.iteration, writer)
+    train.main:                      arguments.parse(argv, providers=[training_hook.PROVIDER])
+    train loop, at --eval-interval:  training_hook.run_during_training(s.model, cfg, s.iteration, writer)
+
+The provider adds the ``--eval-tasks`` flags to the trainer's parser and files them as
+``cfg.extras["eval_tasks"]`` (``EvalTasksOptions``); the trainer's core never imports this module.
 
 ``run_during_training`` does nothing without ``--eval-tasks``. Otherwise it runs the tasks under the
 training layout (same TP / PP / CP slicing; DP ranks split the samples), logs one line, writes one
@@ -16,9 +19,11 @@ so a run with evaluation trains exactly like one without.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
+from megatron_ext.config import ArgsProvider, RunConfig
 from megatron_ext.evaluate.options import parse_depths, parse_lengths
 from megatron_ext.evaluate.tasks import TASKS, EvalConfig, flat_metrics
 from megatron_ext.errors import UserError
@@ -77,47 +82,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="wrap needle prompts in the tokenizer's chat template")
 
 
-def eval_config(args: argparse.Namespace) -> Optional[EvalConfig]:
-    """The tasks' configuration, or None without --eval-tasks; ValueError names a bad flag."""
-    if not getattr(args, "eval_tasks", None):
+@dataclasses.dataclass(frozen=True)
+class EvalTasksOptions:
+    """The ``--eval-*`` task flags as parsed (``cfg.extras["eval_tasks"]``)."""
+
+    eval_tasks: Optional[Tuple[str, ...]] = None
+    eval_lengths: Optional[Tuple[int, ...]] = None
+    eval_depths: Tuple[float, ...] = (0.0, 0.5, 1.0)
+    eval_num_samples: int = 4
+    eval_tasks_data: Optional[str] = None
+    eval_chat_template: bool = False
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "EvalTasksOptions":
+        def frozen(value):
+            return tuple(value) if value is not None else None
+
+        return cls(frozen(args.eval_tasks), frozen(args.eval_lengths), tuple(args.eval_depths),
+                   args.eval_num_samples, args.eval_tasks_data, args.eval_chat_template)
+
+
+def eval_config(cfg: RunConfig) -> Optional[EvalConfig]:
+    """The tasks' configuration, or None without --eval-tasks; UserError names a bad flag."""
+    options = cfg.extras.get(PROVIDER.name)
+    if options is None or not options.eval_tasks:
         return None
-    if not args.eval_tasks_data:
+    if not options.eval_tasks_data:
         raise UserError("--eval-tasks needs --eval-tasks-data (a held-out jsonl with 'text' rows "
                          "or an indexed-dataset prefix)")
-    if not getattr(args, "eval_interval", None):
+    if not cfg.training.eval_interval:
         raise UserError("--eval-tasks runs at --eval-interval; set --eval-interval N")
-    lengths = args.eval_lengths or [args.seq_length]
-    cp = args.context_parallel_size
+    lengths = options.eval_lengths or [cfg.model.seq_length]
+    cp = cfg.layout.cp
     for length in lengths:
-        if length > args.max_position_embeddings:
+        if length > cfg.model.max_position_embeddings:
             raise UserError(f"--eval-lengths {length} exceeds --max-position-embeddings "
-                             f"({args.max_position_embeddings})")
+                             f"({cfg.model.max_position_embeddings})")
         if cp > 1 and length % (2 * cp) != 0:
             raise UserError(f"--eval-lengths {length} is not divisible by 2 x "
                              f"--context-parallel-size = {2 * cp}")
-    return EvalConfig(tasks=list(args.eval_tasks), lengths=list(lengths),
-                      depths=list(args.eval_depths), num_samples=args.eval_num_samples,
-                      seed=args.seed, chat_template=args.eval_chat_template)
+    return EvalConfig(tasks=list(options.eval_tasks), lengths=list(lengths),
+                      depths=list(options.eval_depths), num_samples=options.eval_num_samples,
+                      seed=cfg.training.seed, chat_template=options.eval_chat_template)
 
 
-def _tokenizer_and_corpus(args: argparse.Namespace):
+def _tokenizer_and_corpus(cfg: RunConfig):
     from megatron_ext.data.tokenizer import build_tokenizer
     from megatron_ext.evaluate.corpus import EvalCorpus
 
-    key = (args.tokenizer_type, args.tokenizer_model, args.eval_tasks_data)
+    data = cfg.extras[PROVIDER.name].eval_tasks_data
+    key = (cfg.data.tokenizer_type, cfg.data.tokenizer_model, data)
     if key not in _CACHE:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        _CACHE[key] = (tokenizer, EvalCorpus(args.eval_tasks_data, tokenizer, "--eval-tasks-data"))
+        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        _CACHE[key] = (tokenizer, EvalCorpus(data, tokenizer, "--eval-tasks-data"))
     return _CACHE[key]
 
 
-def run_during_training(model, args: argparse.Namespace, iteration: int, writer) -> Dict[str, float]:
+def run_during_training(model, cfg: RunConfig, iteration: int, writer) -> Dict[str, float]:
     """Run --eval-tasks on ``model`` (train.py's list of model chunks, or one module)."""
     from megatron_ext.evaluate.model_runner import ModelRunner
     from megatron_ext.evaluate.tasks import run_tasks
     from megatron_ext.model.output_rows import unwrap
 
-    config = eval_config(args)
+    config = eval_config(cfg)
     if config is None:
         return {}
     chunks = model if isinstance(model, (list, tuple)) else [model]
@@ -125,9 +152,9 @@ def run_during_training(model, args: argparse.Namespace, iteration: int, writer)
         raise UserError("--eval-tasks supports one model chunk per rank (no virtual pipeline "
                          "stages)")
     module = unwrap(chunks[0])
-    tokenizer, corpus = _tokenizer_and_corpus(args)
+    tokenizer, corpus = _tokenizer_and_corpus(cfg)
     device = next(module.parameters()).device
-    runner = ModelRunner(module, device, min(tokenizer.vocab_size, args.padded_vocab_size))
+    runner = ModelRunner(module, device, min(tokenizer.vocab_size, cfg.model.padded_vocab_size))
     was_training = module.training
     module.eval()
     try:
@@ -142,4 +169,6 @@ def run_during_training(model, args: argparse.Namespace, iteration: int, writer)
     return metrics
 
 
-__all__ = ["add_arguments", "eval_config", "run_during_training"]
+PROVIDER = ArgsProvider("eval_tasks", add_arguments, EvalTasksOptions.from_namespace)
+
+__all__ = ["PROVIDER", "EvalTasksOptions", "add_arguments", "eval_config", "run_during_training"]

@@ -19,11 +19,12 @@ silently drop a mask. The start-up line says which one ran.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Optional, Sequence
 
+from megatron_ext.config import ModelConfig
 from megatron_ext.errors import ArgumentError
+from megatron_ext.layout import Layout
 
 BACKEND_CHOICES = ("auto", "flex", "blockwise", "te", "torch")
 BACKEND_ALIASES = {"torch": "blockwise"}
@@ -76,42 +77,38 @@ def normalized_backend(name: str) -> str:
     return BACKEND_ALIASES.get(name, name)
 
 
-def packs_documents(args: argparse.Namespace) -> bool:
-    """True when the batches carry document or branch ids that attention must honour."""
-    return bool(getattr(args, "packed_documents", False) or getattr(args, "reset_attention_mask", False)
-                or getattr(args, "objective", None) in ("sft", "preference"))
-
-
-def plan_attention(args: argparse.Namespace, on_cpu: bool, training: bool,
-                   seq_lengths: Optional[Sequence[int]] = None) -> AttentionPlan:
+def plan_attention(model: ModelConfig, layout: Layout, on_cpu: bool, training: bool,
+                   seq_lengths: Optional[Sequence[int]] = None,
+                   document_masks: Optional[str] = None) -> AttentionPlan:
     """Validate the attention flags for this device and return what will be built.
 
     ``training``: backward passes will run (flex has none on CPU). ``seq_lengths``: the sequence
-    lengths the model will see (default ``--seq-length``). Raises ``ArgumentError`` naming the flag.
+    lengths the model will see (default ``--seq-length``). ``document_masks``: what asks for
+    document / branch masks (``RunConfig.document_masking_source``), None for plain causal.
+    Raises ``ArgumentError`` naming the flag.
     """
-    layer = _layer_spec(args, on_cpu)
-    requested = normalized_backend(args.attention_backend)
-    cp = args.context_parallel_size
-    lengths = seq_lengths or [args.seq_length]
+    layer = _layer_spec(model.transformer_impl, on_cpu)
+    requested = normalized_backend(model.attention_backend)
+    cp = layout.cp
+    lengths = seq_lengths or [model.seq_length]
     if requested == "auto":
         backend = ("flex" if not on_cpu and flex_available() and _fits_flex_tiles(lengths, cp)
                    else "blockwise")
     else:
         backend = requested
     if backend == "te":
-        _check_te(args, layer, cp)
+        _check_te(model, layout, layer, document_masks)
     else:
-        _check_ours(args, backend, on_cpu, training, lengths, cp)
-    comm = _cp_comm_type(args, backend)
+        _check_ours(model, layout, backend, on_cpu, training, lengths)
+    comm = _cp_comm_type(layout, backend)
     return AttentionPlan(
         layer_spec=layer, backend=backend, cp_comm_type=comm if cp > 1 else None,
-        block_size=getattr(args, "attention_block_size", None) if backend == "blockwise" else None,
-        hierarchical_cp_sizes=(tuple(args.hierarchical_context_parallel_sizes)
+        block_size=model.attention_block_size if backend == "blockwise" else None,
+        hierarchical_cp_sizes=(tuple(layout.hierarchical_context_parallel_sizes)
                                if comm == "a2a+p2p" else None))
 
 
-def _layer_spec(args: argparse.Namespace, on_cpu: bool) -> str:
-    impl = getattr(args, "transformer_impl", "auto")
+def _layer_spec(impl: str, on_cpu: bool) -> str:
     if impl == TE_SPEC:
         if on_cpu or not te_available():
             raise ArgumentError("--transformer-impl transformer_engine needs a GPU and a working "
@@ -121,31 +118,31 @@ def _layer_spec(args: argparse.Namespace, on_cpu: bool) -> str:
     return TE_SPEC if impl == "auto" and not on_cpu and te_available() else LOCAL_SPEC
 
 
-def _check_te(args: argparse.Namespace, layer: str, cp: int) -> None:
+def _check_te(model: ModelConfig, layout: Layout, layer: str,
+              document_masks: Optional[str]) -> None:
+    cp = layout.cp
     if layer != TE_SPEC:
         raise ArgumentError("--attention-backend te needs the Transformer Engine layer spec (a GPU "
                             "with Transformer Engine installed for this torch); use "
                             "--attention-backend flex")
-    if packs_documents(args):
-        what = ("preference data" if getattr(args, "objective", None) == "preference" else
-                "--objective sft" if getattr(args, "objective", None) == "sft" else
-                "--packed-documents / --reset-attention-mask")
+    if document_masks:
         raise ArgumentError(
-            f"--attention-backend te cannot keep packed documents apart here ({what}): Transformer "
+            f"--attention-backend te cannot keep packed documents apart here ({document_masks}): "
+            f"Transformer "
             f"Engine takes them only as THD cu_seqlens, which this project has not proven on a "
             f"GPU, and would otherwise attend across documents silently; use --attention-backend "
             f"flex (exact document and branch masks, fused)")
-    if getattr(args, "attention_block_size", None) is not None:
+    if model.attention_block_size is not None:
         raise ArgumentError("--attention-block-size sizes the blockwise backend's tiles; drop it "
                             "with --attention-backend te")
-    comm = _cp_comm_type(args, "te")
-    sizes = getattr(args, "hierarchical_context_parallel_sizes", None)
-    heads_per_tp = args.num_attention_heads // args.tensor_model_parallel_size
+    comm = _cp_comm_type(layout, "te")
+    sizes = layout.hierarchical_context_parallel_sizes
+    heads_per_tp = model.num_attention_heads // layout.tp
     if cp > 1 and comm == "a2a" and heads_per_tp % cp:
         raise ArgumentError(
             f"--cp-comm-type a2a exchanges whole heads: attention heads per tensor-parallel rank "
-            f"({args.num_attention_heads} / --tensor-model-parallel-size "
-            f"{args.tensor_model_parallel_size} = {heads_per_tp}) must be divisible by "
+            f"({model.num_attention_heads} / --tensor-model-parallel-size "
+            f"{layout.tp} = {heads_per_tp}) must be divisible by "
             f"--context-parallel-size ({cp}); use --cp-comm-type p2p or change the sizes")
     if cp > 1 and comm == "a2a+p2p":
         if not sizes:
@@ -167,18 +164,19 @@ def _check_te(args: argparse.Namespace, layer: str, cp: int) -> None:
                             "a2a+p2p with --attention-backend te only; drop it")
 
 
-def _check_ours(args: argparse.Namespace, backend: str, on_cpu: bool, training: bool,
-                seq_lengths: Sequence[int], cp: int) -> None:
-    if getattr(args, "attention_dropout", 0.0):
-        raise ArgumentError(f"--attention-dropout {args.attention_dropout}: the {backend} attention "
+def _check_ours(model: ModelConfig, layout: Layout, backend: str, on_cpu: bool, training: bool,
+                seq_lengths: Sequence[int]) -> None:
+    cp = layout.cp
+    if model.attention_dropout:
+        raise ArgumentError(f"--attention-dropout {model.attention_dropout}: the {backend} attention "
                             f"backend has no attention dropout (long-context training uses 0); "
                             f"set --attention-dropout 0")
-    if getattr(args, "hierarchical_context_parallel_sizes", None):
+    if layout.hierarchical_context_parallel_sizes:
         raise ArgumentError("--hierarchical-context-parallel-sizes applies to --cp-comm-type "
                             "a2a+p2p with --attention-backend te only; drop it")
     if backend == "blockwise":
         return
-    if getattr(args, "attention_block_size", None) is not None:
+    if model.attention_block_size is not None:
         raise ArgumentError("--attention-block-size sizes the blockwise backend's tiles; flex "
                             "picks its own (drop the flag or use --attention-backend blockwise)")
     if not flex_available():
@@ -208,12 +206,11 @@ def _fits_flex_tiles(seq_lengths: Sequence[int], cp: int) -> bool:
                for length in seq_lengths)
 
 
-def _cp_comm_type(args: argparse.Namespace, backend: str) -> str:
-    given = getattr(args, "cp_comm_type", None)
-    given = CP_COMM_ALIASES.get(given, given)
+def _cp_comm_type(layout: Layout, backend: str) -> str:
+    given = CP_COMM_ALIASES.get(layout.cp_comm_type, layout.cp_comm_type)
     if backend == "te":
         return given or "p2p"
-    if given not in (None, "all_gather") and args.context_parallel_size > 1:
+    if given not in (None, "all_gather") and layout.cp > 1:
         raise ArgumentError(
             f"--cp-comm-type {given} is a Transformer Engine exchange (--attention-backend te); "
             f"the {backend} backend always all-gathers keys and values over the context-parallel "

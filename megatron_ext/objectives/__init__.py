@@ -3,10 +3,12 @@
 An objective brings everything that differs between them, so the trainer never branches on which
 one runs:
 
-* ``validate(args)``: its flag rules and defaults, called once while the flags are read
-  (``arguments.finalize``), the only place configuration is filled in;
-* ``datasets(args, tokenizer, num_samples)``: [train, valid, test] datasets (None where unread);
-* ``build(args, device)``: the per-micro-batch strategy Megatron-Core's schedule calls, with
+* ``validate(args)``: its flag rules and defaults, called once on the parsed namespace while the
+  flags are read (``arguments.finalize``), the only place configuration is filled in;
+* ``config(args)``: its frozen ``ObjectiveConfig`` (the name, and its own options if it has flags);
+* ``datasets(cfg, tokenizer, num_samples)``: [train, valid, test] datasets (None where unread),
+  from the frozen ``RunConfig``;
+* ``build(cfg, device)``: the per-micro-batch strategy Megatron-Core's schedule calls, with
   ``forward_step(data_iterator, model)``, ``loss_key`` and the extra ``metrics`` it reports.
 
 ``get(name)`` returns the registered objective; ``NAMES`` lists them for ``--objective``.
@@ -16,15 +18,19 @@ from __future__ import annotations
 
 from typing import Dict, List, Protocol
 
+from megatron_ext.config import ObjectiveConfig, RunConfig
+
 
 class Objective(Protocol):
     name: str
 
     def validate(self, args) -> None: ...
 
-    def datasets(self, args, tokenizer, num_samples: List[int]) -> list: ...
+    def config(self, args) -> ObjectiveConfig: ...
 
-    def build(self, args, device): ...
+    def datasets(self, cfg: RunConfig, tokenizer, num_samples: List[int]) -> list: ...
+
+    def build(self, cfg: RunConfig, device): ...
 
 
 def _registry() -> Dict[str, Objective]:
@@ -47,7 +53,7 @@ def get(name: str) -> Objective:
     return registry[name]
 
 
-def datasets_from_args(args, tokenizer, num_samples: List[int]) -> list:
-    """The datasets training reads, from its flags: the objective's [train, valid, test] (also
-    used by ``tools/inspect_batches.py``, so it shows exactly what training reads)."""
-    return get(args.objective).datasets(args, tokenizer, num_samples)
+def datasets_for(cfg: RunConfig, tokenizer, num_samples: List[int]) -> list:
+    """The datasets training reads: the objective's [train, valid, test] (also used by
+    ``tools/inspect_batches.py``, so it shows exactly what training reads)."""
+    return get(cfg.objective.name).datasets(cfg, tokenizer, num_samples)

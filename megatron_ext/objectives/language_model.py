@@ -13,6 +13,7 @@ from typing import List
 import torch
 from megatron.core import parallel_state
 
+from megatron_ext.config import ObjectiveConfig, RunConfig
 from megatron_ext.data.context_parallel import slice_for_cp
 from megatron_ext.data.gpt_data import build_gpt_datasets
 from megatron_ext.errors import ArgumentError
@@ -32,21 +33,25 @@ class LanguageModeling:
         args.packed_documents = (args.packed_documents or args.reset_attention_mask
                                  or self.name == "sft")
 
-    def datasets(self, args, tokenizer, num_samples: List[int]) -> list:
+    def config(self, args) -> ObjectiveConfig:
+        return ObjectiveConfig(self.name)  # its flags are the data section's
+
+    def datasets(self, cfg: RunConfig, tokenizer, num_samples: List[int]) -> list:
+        data = cfg.data
         return build_gpt_datasets(
-            args.data_blend, args.split, args.seq_length, args.seed, tokenizer,
+            data.data_blend, data.split, cfg.model.seq_length, cfg.training.seed, tokenizer,
             num_samples=num_samples,
-            cache_dir=args.data_cache_path,
-            eod_mask_loss=args.eod_mask_loss,
-            packed_documents=args.packed_documents,
+            cache_dir=data.data_cache_path,
+            eod_mask_loss=data.eod_mask_loss,
+            packed_documents=data.packed_documents,
             sft=self.name == "sft",
-            position_scheme=args.position_scheme,
-            target_seq_length=args.target_seq_length,
-            pose_num_chunks=args.pose_num_chunks,
-            longrecipe_contiguous_prefix=args.longrecipe_contiguous_prefix,
+            position_scheme=data.position_scheme,
+            target_seq_length=data.target_seq_length,
+            pose_num_chunks=data.pose_num_chunks,
+            longrecipe_contiguous_prefix=data.longrecipe_contiguous_prefix,
         )
 
-    def build(self, args, device):
+    def build(self, cfg: RunConfig, device):
         return LanguageModelingStep(device)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import List
+from typing import List, Optional
 
+from megatron_ext.config import ObjectiveConfig, RunConfig, section_from_namespace
 from megatron_ext.data import token_flags
 from megatron_ext.data.blend import parse_data_path
 from megatron_ext.errors import ArgumentError
@@ -42,6 +43,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shared-prefix: the prompt once, the answers as branches attending to it "
                         "and to themselves (same losses, a fraction of the compute); separate: "
                         "one prompt copy per answer")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceOptions:
+    """The preference flags after ``validate`` filled the per-loss defaults."""
+
+    preference_loss: str
+    beta: float
+    gamma: float
+    sft_weight: float
+    num_rejected: int
+    preference_packing: str = "shared-prefix"
+    gamma_beta_ratio: Optional[float] = None  # as given; ``gamma`` holds the margin it implies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +102,21 @@ class PreferenceAlignment:
                                 "(only answer positions reach the output layer, picked from whole "
                                 "sequences); drop it")
 
-    def datasets(self, args, tokenizer, num_samples: List[int]) -> list:
+    def config(self, args) -> ObjectiveConfig:
+        return ObjectiveConfig(self.name, section_from_namespace(PreferenceOptions, args))
+
+    def datasets(self, cfg: RunConfig, tokenizer, num_samples: List[int]) -> list:
         from megatron_ext.data.gpt_data import build_preference_datasets
 
-        return build_preference_datasets(args, tokenizer, num_samples)
+        options = cfg.objective.options
+        return build_preference_datasets(
+            cfg.data.data_blend[0][0], tokenizer, num_samples, split=cfg.data.split,
+            seq_length=cfg.model.seq_length, num_rejected=options.num_rejected,
+            packing=options.preference_packing, position_scheme=cfg.data.position_scheme,
+            target_seq_length=cfg.data.target_seq_length, seed=cfg.training.seed)
 
-    def build(self, args, device):
+    def build(self, cfg: RunConfig, device):
         from megatron_ext.objectives.preference_loss import PreferenceLossConfig
         from megatron_ext.objectives.preference_step import PreferenceObjective
 
-        return PreferenceObjective(device, PreferenceLossConfig.from_args(args))
+        return PreferenceObjective(device, PreferenceLossConfig.from_options(cfg.objective.options))

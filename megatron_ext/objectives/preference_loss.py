@@ -41,8 +41,10 @@ class PreferenceLossConfig:
     num_rejected: int
 
     @classmethod
-    def from_args(cls, args) -> "PreferenceLossConfig":
-        return cls(args.preference_loss, args.beta, args.gamma, args.sft_weight, args.num_rejected)
+    def from_options(cls, options) -> "PreferenceLossConfig":
+        """From the run's ``PreferenceOptions`` (``cfg.objective.options``)."""
+        return cls(options.preference_loss, options.beta, options.gamma, options.sft_weight,
+                   options.num_rejected)
 
 
 def answer_log_prob_sums(token_log_probs: torch.Tensor, rows: torch.Tensor, branches: torch.Tensor,
