@@ -217,11 +217,12 @@ def test_score_rows_and_unscorable_documents(uninterrupted, docs_jsonl, capsys):
         assert [r["id"] for r in rows] == [json.loads(line)["id"] for line in f]
     short = [r for r in rows if r["score"] is None]
     assert "a-note" in {r["id"] for r in short}
-    assert all(r["unscorable"].startswith("shorter than") for r in short)
+    assert all(r["unscorable"].startswith("shorter than --seq-length 512") for r in short)
+    assert {r["id"] for r in short} == {r["id"] for r in rows if r["num_tokens"] < 512}
     scored = [r for r in rows if r["score"] is not None]
     assert len(scored) >= 8 and {r["domain"] for r in scored} == {"code", "books"}
     for r in scored:
-        assert r["length"] == min(512, r["num_tokens"]) and len(r["layer_cds"]) == 2
+        assert r["length"] == 512 and len(r["layer_cds"]) == 2
         assert r["cds"] == pytest.approx(sum(r["layer_cds"]) / 2, rel=1e-12)
         assert r["settings"]["variant"] == "code" and r["settings"]["span"] == 16
 
@@ -313,22 +314,28 @@ def test_pretokenized_rows_are_used_as_is(tmp_path, tiny_model_dir, tiny_llama, 
 # Selection under a token budget
 # ------------------------------------------------------------------------------------------
 
+SHORT_REASON = "shorter than --seq-length 32768"
+POOL_DOMAINS = {"ArXiv": 100, "FreeLaw": 50, "Wikipedia": 20, "(none)": 10}
+
+
 @pytest.fixture(scope="module")
 def synthetic_pool(tmp_path_factory):
-    """Score and input files for 3 domains of 100 / 50 / 20 documents, plus noise rows."""
+    """Score and input files for 3 domains of 100 / 50 / 20 documents and 10 without a domain,
+    plus noise rows. Wikipedia scores run low, as in the paper (a global top-k starves it)."""
     rng = random.Random(5)
     root = tmp_path_factory.mktemp("pool")
     docs, scores = [], []
-    for domain, count in (("ArXiv", 100), ("FreeLaw", 50), ("Wikipedia", 20)):
+    for domain, count, top in (("ArXiv", 100, 1.0), ("FreeLaw", 50, 1.0), ("Wikipedia", 20, 0.4),
+                               (None, 10, 1.0)):
         for n in range(count):
             doc_id = f"{domain}-{n}"
             tokens = rng.randint(32768, 120000)
             docs.append({"id": doc_id, "text": "...", "meta": {"pile_set_name": domain}})
             scores.append({"id": doc_id, "domain": domain, "length": 32768,
-                           "num_tokens": tokens, "score": rng.random()})
+                           "num_tokens": tokens, "score": rng.uniform(0, top)})
     docs.append({"id": "tiny", "text": "x"})
     scores.append({"id": "tiny", "domain": "ArXiv", "length": 3, "num_tokens": 3,
-                   "score": None, "unscorable": "shorter than 2305 tokens"})
+                   "score": None, "unscorable": SHORT_REASON})
     scores.append(dict(scores[0]))  # an exact duplicate row (e.g. shard files passed twice)
     rng.shuffle(docs)
     (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -347,51 +354,67 @@ def run_select(root, budget, *extra):
 
 def top_per_domain(pool, percentile):
     chosen = []
-    for domain in {s["domain"] for s in pool}:
+    for domain in {s["domain"] for s in pool}:  # None, no domain, is one more domain
         ranked = sorted((s for s in pool if s["domain"] == domain), key=lambda s: -s["score"])
         chosen += ranked[:len(ranked) * percentile // 100]
     return chosen
 
 
 @pytest.mark.parametrize("budget", [600_000, 2_500_000])
-def test_per_domain_selection_honours_budget_and_proportions(synthetic_pool, budget, capsys):
+def test_per_domain_selection_is_the_default_and_keeps_domain_quotas(synthetic_pool, budget,
+                                                                     capsys):
     root, pool = synthetic_pool
-    selected, summary = run_select(root, budget, "--per-domain")
+    selected, summary = run_select(root, budget)
+    assert summary["rule"] == "per-domain"
     p = summary["percentile"]
     expected = top_per_domain(pool, p)
     assert sorted(selected) == sorted(s["id"] for s in expected)
     tokens = sum(s["num_tokens"] for s in expected)
     assert summary["selected_tokens"] == tokens >= budget and summary["budget_reached"]
     assert sum(s["num_tokens"] for s in top_per_domain(pool, p - 1)) < budget  # smallest p
-    for domain, size in (("ArXiv", 100), ("FreeLaw", 50), ("Wikipedia", 20)):
-        assert summary["domains"][domain]["selected_docs"] == size * p // 100
+    for domain, size in POOL_DOMAINS.items():
+        quota = size * p / 100  # the same p % of every domain, to within one document
+        assert abs(summary["domains"][domain]["selected_docs"] - quota) < 1, (domain, quota)
+    assert summary["docs_without_domain"] == POOL_DOMAINS["(none)"]
     assert summary["unscorable_rows_ignored"] == 1 and summary["duplicate_rows_ignored"] == 1
+    assert summary["unscorable_rows_by_reason"] == {SHORT_REASON: 1}
+    assert summary["scored_lengths"] == {"32768": len(pool)}
     assert sum(summary["score_histogram"]["pool"]) == len(pool)
     assert sum(summary["score_histogram"]["selected"]) == len(selected)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"{POOL_DOMAINS['(none)']} scored rows have no domain" in captured.err
+    assert "WARNING" not in captured.err  # one length only: no mixed-length warning
+    assert f"ignored 1 rows with score null: {SHORT_REASON}" in captured.out
     try:
         import matplotlib  # noqa: F401
 
         assert os.path.isfile(summary["histogram_png"])
     except ImportError:
-        assert summary["histogram_png"] is None and "matplotlib is not installed" in err
+        assert summary["histogram_png"] is None and "matplotlib is not installed" in captured.err
+    explicit, _ = run_select(root, budget, "--per-domain")
+    assert explicit == selected
 
 
-def test_global_selection_takes_the_smallest_top_k(synthetic_pool):
+def test_global_top_k_flag_takes_the_smallest_top_k(synthetic_pool):
     root, pool = synthetic_pool
     budget = 1_000_000
-    selected, summary = run_select(root, budget)
+    selected, summary = run_select(root, budget, "--global-top-k")
     ranked = sorted(pool, key=lambda s: -s["score"])
     k = len(selected)
     assert sorted(selected) == sorted(s["id"] for s in ranked[:k])
     assert sum(s["num_tokens"] for s in ranked[:k]) >= budget
     assert sum(s["num_tokens"] for s in ranked[:k - 1]) < budget
     assert summary["rule"] == "global" and summary["percentile"] is None
+    # the low-scoring domain is crowded out, which is what the per-domain default prevents
+    per_domain, by_domain = run_select(root, budget)
+    assert summary["domains"]["Wikipedia"]["selected_docs"] < \
+        by_domain["domains"]["Wikipedia"]["selected_docs"]
+    assert sorted(per_domain) != sorted(selected)
 
 
 def test_budget_beyond_the_pool_takes_everything_and_says_so(synthetic_pool, capsys):
     root, pool = synthetic_pool
-    selected, summary = run_select(root, 10**12, "--per-domain")
+    selected, summary = run_select(root, 10**12)
     assert len(selected) == len(pool) and not summary["budget_reached"]
     assert "NOT reached" in capsys.readouterr().out
 
