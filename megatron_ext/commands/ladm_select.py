@@ -152,6 +152,8 @@ def run_select(args) -> int:
 
     if args.budget_tokens < 1:
         raise InputError(f"--budget-tokens must be >= 1, got {args.budget_tokens}")
+    if not os.path.isfile(args.input):  # before reading the (possibly many) score files
+        raise InputError(f"--input {args.input}: no such file")
     table = selection.load_scores(args.scores, args.count_tokens)
     if not table.docs:
         raise InputError(f"--scores {' '.join(args.scores)}: no scored documents "
