@@ -34,7 +34,11 @@ def code_variant_cds(probs: torch.Tensor, settings: CdsSettings) -> float:
             k += 1
         pfs = torch.stack(pfs)
         weights = torch.tensor(weights, dtype=torch.float64)
-        afs.append(float((pfs * weights).sum() * pfs.std(unbiased=True) * (t / length)))
+        position = t / length
+        if not settings.length_weight:  # the no_len_weight ablation
+            weights, position = torch.ones_like(weights), 1.0
+        spread = pfs.std(unbiased=True) if settings.std_weight else 1.0  # no_std ablation
+        afs.append(float((pfs * weights).sum() * spread * position))
         t -= stride
     if not afs:
         raise ValueError(f"a {length}-token document is too short for span {c}")
@@ -55,7 +59,11 @@ def paper_variant_cds(probs: torch.Tensor, settings: CdsSettings) -> float:
             continue
         pfs = torch.stack([column_mass[i * c:(i + 1) * c].sum() for i in key_spans])
         distance = torch.tensor([(j - i) / n_spans for i in key_spans], dtype=torch.float64)
-        cds += (j / n_spans) * float(pfs.std(unbiased=True) * (distance * pfs).sum())
+        position = j / n_spans
+        if not settings.length_weight:  # the no_len_weight ablation
+            distance, position = torch.ones_like(distance), 1.0
+        spread = pfs.std(unbiased=True) if settings.std_weight else 1.0  # no_std ablation
+        cds += position * float(spread * (distance * pfs).sum())
     return cds
 
 
