@@ -353,7 +353,7 @@ def test_pretokenized_rows_are_used_as_is(tmp_path, tiny_model_dir, tiny_llama, 
 
 
 # ------------------------------------------------------------------------------------------
-# Exact-length scores and the ablation switches, against a naive computation from the spec
+# Exact-length scores and the ablation switches, against a naive computation of the published formulas
 # ------------------------------------------------------------------------------------------
 
 def eager_attention(model, ids):

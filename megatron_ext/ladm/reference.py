@@ -1,9 +1,10 @@
 """Naive LADM reference: CDS read off full eager attention matrices.
 
 For tests and benchmarks only: it materialises every layer's [heads, L, L] probabilities, which
-is exactly what the blockwise scorer avoids. The loops follow the spec's pseudo-code directly
-(the paper's Eqs. for attention mass per span and CDS) and share nothing with ``scoring.py`` but the settings, so
-agreement between the two checks the span plan as well as the blockwise arithmetic.
+is exactly what the blockwise scorer avoids. The loops follow the released scorer's loops and the
+paper's sums directly (as described in ``scoring.py``'s docstring) and share nothing with
+``scoring.py`` but the settings, so agreement between the two checks the span plan as well as the
+blockwise arithmetic.
 """
 
 from __future__ import annotations
