@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--budget-tokens", type=int, required=True)
     se.add_argument("--output", required=True, help="selected input rows (JSON lines)")
     rule = se.add_mutually_exclusive_group()
-    rule.add_argument("--per-domain", action="store_true",
+    # --per-domain only spells out the default (kept for scripts that pass it); SUPPRESS keeps
+    # the help from printing a misleading "(default: False)"
+    rule.add_argument("--per-domain", action="store_true", default=argparse.SUPPRESS,
                       help="the default: the same top p%% of every domain (by document count, "
                            "the smallest integer p reaching the budget); domains come from the "
                            "score rows (score --domain-key); rows without one form one domain")
