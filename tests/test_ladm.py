@@ -327,6 +327,18 @@ def test_bad_select_flags_are_named(synthetic_pool, tmp_path, capsys, flags, fla
     assert err.startswith("ladm_select.py select: error: ") and flag in err, err
 
 
+def test_select_without_scored_documents_says_why(synthetic_pool, tmp_path, capsys):
+    root, _ = synthetic_pool
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(json.dumps({"id": "tiny", "domain": None, "length": 3, "num_tokens": 3,
+                                  "score": None, "unscorable": SHORT_REASON}) + "\n")
+    assert ladm_select.main(["select", "--scores", str(scores), "--input",
+                             str(root / "docs.jsonl"), "--budget-tokens", "1", "--output",
+                             str(tmp_path / "out.jsonl")]) == 2
+    assert f"no scored documents (1 rows with score null: 1 x {SHORT_REASON})" in \
+        capsys.readouterr().err
+
+
 def test_per_domain_and_global_top_k_exclude_each_other(capsys):
     with pytest.raises(SystemExit) as exit_:
         ladm_select.main(["select", "--scores", "s", "--input", "i", "--budget-tokens", "1",

@@ -158,8 +158,9 @@ def run_select(args) -> int:
         raise InputError(f"--input {args.input}: no such file")
     table = selection.load_scores(args.scores, args.count_tokens)
     if not table.docs:
+        reasons = "; ".join(f"{n} x {why}" for why, n in sorted(table.unscored.items()))
         raise InputError(f"--scores {' '.join(args.scores)}: no scored documents "
-                         f"({table.unscorable} unscorable rows)")
+                         f"({table.unscorable} rows with score null: {reasons or 'none'})")
     warn_about_scores(table, per_domain=not args.global_top_k)
     pick = selection.select_global if args.global_top_k else selection.select_per_domain
     chosen = pick(table.docs, args.budget_tokens)
