@@ -23,8 +23,8 @@ AFS(j) = std_unbiased(PFS) * sum_i (j-i)/N * PFS(i, j); layer CDS = sum_j (j/N) 
 Both: CDS = mean of layer CDS over all layers (heads and layers equally weighted, as released).
 
 Ablations (the released ``--ablation`` choices, paper Table 6), as two independent switches:
-``std_weight=False`` drops the std factor (released ``no_std``); ``length_weight=False`` drops both
-distance weights, (k*Delta/L or (j-i)/N) and (t/L or j/N), replacing them with 1 (released
+``std_weight=False`` drops the std factor (released ``no_std``); ``length_weight=False`` drops the
+distance and position weights, (k*Delta/L or (j-i)/N) and (t/L or j/N), setting them to 1 (released
 ``no_len_weight``; the paper's "no length" ablation). The span plan itself is unchanged, so an
 ablated score looks at exactly the same attention mass as the full one.
 """
