@@ -217,11 +217,12 @@ def test_score_rows_and_unscorable_documents(uninterrupted, docs_jsonl, capsys):
         assert [r["id"] for r in rows] == [json.loads(line)["id"] for line in f]
     short = [r for r in rows if r["score"] is None]
     assert "a-note" in {r["id"] for r in short}
-    assert all(r["unscorable"].startswith("shorter than") for r in short)
+    assert all(r["unscorable"].startswith("shorter than --seq-length 512") for r in short)
+    assert {r["id"] for r in short} == {r["id"] for r in rows if r["num_tokens"] < 512}
     scored = [r for r in rows if r["score"] is not None]
     assert len(scored) >= 8 and {r["domain"] for r in scored} == {"code", "books"}
     for r in scored:
-        assert r["length"] == min(512, r["num_tokens"]) and len(r["layer_cds"]) == 2
+        assert r["length"] == 512 and len(r["layer_cds"]) == 2
         assert r["cds"] == pytest.approx(sum(r["layer_cds"]) / 2, rel=1e-12)
         assert r["settings"]["variant"] == "code" and r["settings"]["span"] == 16
 
@@ -292,6 +293,60 @@ def test_bad_input_is_refused_before_scoring(tmp_path, tiny_model_dir, capsys, r
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, flag", [
+    (["--span", "0"], "--span must be >= 1"),
+    (["--d-afs", "0"], "--d-afs must be >= 1"),
+    (["--sink-spans", "-1"], "--sink-spans must be >= 0"),
+    (["--seq-length", "200"], "--seq-length 200 is shorter than the 289 tokens"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--num-shards", "2", "--shard-index", "2"], "--shard-index must be in [0, --num-shards"),
+    (["--scorer", "prolong-delta-ppl", "--no-std-weight"], "--no-std-weight ablate"),
+    (["--scorer", "prolong-delta-ppl", "--prolong-pairs", "0"], "--prolong-pairs must be >= 1"),
+])
+def test_bad_score_flags_are_named(tmp_path, tiny_model_dir, docs_jsonl, capsys, flags, flag):
+    out = tmp_path / "scores.jsonl"
+    assert score_cli(tiny_model_dir, docs_jsonl, out, *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ladm_select.py score: error: ") and flag in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--budget-tokens", "0"], "--budget-tokens must be >= 1"),
+    (["--scores", "no-such-file.jsonl"], "--scores no-such-file.jsonl: no such file"),
+    (["--count-tokens", "scored", "--input", "no-such-input.jsonl"], "--input no-such-input"),
+])
+def test_bad_select_flags_are_named(synthetic_pool, tmp_path, capsys, flags, flag):
+    root, _ = synthetic_pool
+    given = {"--scores": str(root / "scores.jsonl"), "--input": str(root / "docs.jsonl"),
+             "--budget-tokens": "1000", "--output": str(tmp_path / "out.jsonl")}
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    argv = [x for name, value in {**given, **pairs}.items() for x in (name, value)]
+    assert ladm_select.main(["select", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ladm_select.py select: error: ") and flag in err, err
+
+
+def test_select_without_scored_documents_says_why(synthetic_pool, tmp_path, capsys):
+    root, _ = synthetic_pool
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(json.dumps({"id": "tiny", "domain": None, "length": 3, "num_tokens": 3,
+                                  "score": None, "unscorable": SHORT_REASON}) + "\n")
+    assert ladm_select.main(["select", "--scores", str(scores), "--input",
+                             str(root / "docs.jsonl"), "--budget-tokens", "1", "--output",
+                             str(tmp_path / "out.jsonl")]) == 2
+    assert f"no scored documents (1 rows with score null: 1 x {SHORT_REASON})" in \
+        capsys.readouterr().err
+
+
+def test_per_domain_and_global_top_k_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ladm_select.main(["select", "--scores", "s", "--input", "i", "--budget-tokens", "1",
+                          "--output", "o", "--per-domain", "--global-top-k"])
+    assert exit_.value.code == 2
+    assert "--global-top-k: not allowed with argument --per-domain" in capsys.readouterr().err
+
+
 def test_pretokenized_rows_are_used_as_is(tmp_path, tiny_model_dir, tiny_llama, austen_ids):
     docs = tmp_path / "ids.jsonl"
     docs.write_text(json.dumps({"id": 7, "input_ids": austen_ids[:700]}) + "\n")
@@ -310,25 +365,165 @@ def test_pretokenized_rows_are_used_as_is(tmp_path, tiny_model_dir, tiny_llama, 
 
 
 # ------------------------------------------------------------------------------------------
+# Exact-length scores and the ablation switches, against a naive computation of the published formulas
+# ------------------------------------------------------------------------------------------
+
+def eager_attention(model, ids):
+    """Every layer's full causal attention probabilities [heads, L, L] (float64), read off
+    eager attention: the L x L matrices the blockwise scorer never forms."""
+    import copy
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = eager(input_ids=torch.tensor([list(ids)]), output_attentions=True, use_cache=False)
+    return [a[0].double() for a in out.attentions]
+
+
+def released_probes(length, c):
+    """The released scorer's loops with the defaults (d_afs = d_cds = 4, one sink span):
+    (query start, key end, [(key start, distance weight)], position weight)."""
+    interval = stride = 4 * c
+    t = length - c
+    while t > c + 4 * interval:
+        keys, k = [], 1
+        while t - k * interval >= c:
+            keys.append((t - k * interval, k * interval / length))
+            k += 1
+        yield t, t, keys, t / length
+        t -= stride
+
+
+def paper_probes(length, c):
+    """The paper's sums with the defaults (m = 1, n = 4, n0 = 16, d_afs = d_cds = 4)."""
+    n_spans = length // c
+    for j in range(16, n_spans, 4):
+        keys = [(i * c, (j - i) / n_spans) for i in range(j - 5, 0, -4)]
+        if len(keys) >= 2:
+            yield j * c, (j + 1) * c, keys, j / n_spans
+
+
+def naive_cds(probs, probes, c, use_std, use_length, mean):
+    """One layer's CDS: AFS = std(PFS) * sum PFS * distance * position, either factor dropped
+    by an ablation; mean (released) or sum (paper) over the query spans."""
+    afs = []
+    for start, key_end, keys, position in probes:
+        rows = probs[:, start:start + c, :key_end]
+        rows = rows / rows.sum(dim=-1, keepdim=True)  # normalised over the keys it may see
+        mass = rows.sum(dim=1).mean(dim=0)
+        pfs = torch.stack([mass[u:u + c].sum() for u, _ in keys])
+        weights = torch.tensor([w for _, w in keys], dtype=torch.float64)
+        spread = pfs.std(unbiased=True) if use_std else 1.0
+        weighted = (pfs * weights).sum() * position if use_length else pfs.sum()
+        afs.append(float(spread * weighted))
+    return sum(afs) / len(afs) if mean else sum(afs)
+
+
+ABLATIONS = [(True, True), (False, True), (True, False), (False, False)]  # (std, length)
+
+
+@pytest.mark.parametrize("variant", ["code", "paper"])
+def test_ablation_switches_follow_the_formula(tiny_llama, austen_ids, variant):
+    doc = austen_ids[:512]
+    all_settings = [CdsSettings(variant=variant, span=16, std_weight=std, length_weight=length)
+                    for std, length in ABLATIONS]
+    ours = probe_layer_scores(tiny_llama, [doc], all_settings)  # one forward, four settings
+    probes = list((released_probes if variant == "code" else paper_probes)(512, 16))
+    full = None
+    for (std, length), (got,) in zip(ABLATIONS, ours):
+        expected = [naive_cds(probs, probes, 16, std, length, mean=variant == "code")
+                    for probs in eager_attention(tiny_llama, doc)]
+        assert rel_diff(got, expected) <= REL_TOL, (std, length, got, expected)
+        full = full or got
+        if (std, length) != (True, True):  # each switch really changes the score
+            assert rel_diff(got, full) > 1e-2
+
+
+def test_ablation_flags_reach_the_score_file(tmp_path, tiny_model_dir, austen_ids):
+    from transformers import LlamaModel
+
+    docs = tmp_path / "ids.jsonl"
+    docs.write_text(json.dumps({"id": "d", "input_ids": austen_ids[:512]}) + "\n")
+    out = tmp_path / "scores.jsonl"
+    assert ladm_select.main(["score", "--model", tiny_model_dir, "--input", str(docs),
+                             "--output", str(out), "--seq-length", "512", "--span", "16",
+                             "--no-std-weight", "--no-length-weight", "--no-progress"]) == 0
+    (row,) = read_rows(out)
+    assert row["settings"]["std_weight"] is False and row["settings"]["length_weight"] is False
+    saved = LlamaModel.from_pretrained(tiny_model_dir).eval()
+    probes = list(released_probes(512, 16))
+    expected = [naive_cds(p, probes, 16, False, False, mean=True)
+                for p in eager_attention(saved, austen_ids[:512])]
+    assert rel_diff(row["layer_cds"], expected) <= REL_TOL
+
+
+def test_short_documents_are_null_unless_flagged_and_select_warns_on_mixed_lengths(
+        tmp_path, tiny_model_dir, austen_ids, capsys):
+    from transformers import LlamaModel
+
+    docs = tmp_path / "ids.jsonl"
+    lengths = {"long": 700, "short": 400, "tiny": 100}  # 100 < 289, the formula's minimum
+    docs.write_text("".join(json.dumps({"id": i, "input_ids": austen_ids[:n], "meta": {"set": i}})
+                            + "\n" for i, n in lengths.items()))
+    default, flagged = tmp_path / "default.jsonl", tmp_path / "flagged.jsonl"
+    assert score_cli(tiny_model_dir, str(docs), default) == 0
+    report = capsys.readouterr().out
+    rows = {r["id"]: r for r in read_rows(default)}
+    assert rows["long"]["score"] is not None and rows["long"]["length"] == 512
+    for name in ("short", "tiny"):
+        assert rows[name]["score"] is None and rows[name]["length"] == lengths[name]
+        assert "shorter than --seq-length 512" in rows[name]["unscorable"]
+        assert "--score-short-documents" in rows[name]["unscorable"]
+    assert "score null, never used for selection): 2" in report
+
+    assert score_cli(tiny_model_dir, str(docs), flagged, "--score-short-documents") == 0
+    rows = {r["id"]: r for r in read_rows(flagged)}
+    assert rows["tiny"]["score"] is None and "formula needs" in rows["tiny"]["unscorable"]
+    assert rows["short"]["length"] == 400 and rows["short"]["settings"]["score_short_documents"]
+    saved = LlamaModel.from_pretrained(tiny_model_dir).eval()
+    probes = list(released_probes(400, 16))
+    expected = [naive_cds(p, probes, 16, True, True, mean=True)
+                for p in eager_attention(saved, austen_ids[:400])]
+    assert rel_diff(rows["short"]["layer_cds"], expected) <= REL_TOL
+
+    def select(scores):
+        out = tmp_path / f"selected-{scores.stem}.jsonl"
+        assert ladm_select.main(["select", "--scores", str(scores), "--input", str(docs),
+                                 "--budget-tokens", "1", "--output", str(out)]) == 0
+        return capsys.readouterr().err
+
+    assert "WARNING" not in select(default)
+    warning = select(flagged)
+    assert "WARNING" in warning and "NOT comparable" in warning
+    assert f"{flagged}: 1 docs at 512 tokens, 1 docs at 400 tokens" in warning
+
+
+# ------------------------------------------------------------------------------------------
 # Selection under a token budget
 # ------------------------------------------------------------------------------------------
 
+SHORT_REASON = "shorter than --seq-length 32768"
+POOL_DOMAINS = {"ArXiv": 100, "FreeLaw": 50, "Wikipedia": 20, "(none)": 10}
+
+
 @pytest.fixture(scope="module")
 def synthetic_pool(tmp_path_factory):
-    """Score and input files for 3 domains of 100 / 50 / 20 documents, plus noise rows."""
+    """Score and input files for 3 domains of 100 / 50 / 20 documents and 10 without a domain,
+    plus noise rows. Wikipedia scores run low, as in the paper (a global top-k starves it)."""
     rng = random.Random(5)
     root = tmp_path_factory.mktemp("pool")
     docs, scores = [], []
-    for domain, count in (("ArXiv", 100), ("FreeLaw", 50), ("Wikipedia", 20)):
+    for domain, count, top in (("ArXiv", 100, 1.0), ("FreeLaw", 50, 1.0), ("Wikipedia", 20, 0.4),
+                               (None, 10, 1.0)):
         for n in range(count):
             doc_id = f"{domain}-{n}"
             tokens = rng.randint(32768, 120000)
             docs.append({"id": doc_id, "text": "...", "meta": {"pile_set_name": domain}})
             scores.append({"id": doc_id, "domain": domain, "length": 32768,
-                           "num_tokens": tokens, "score": rng.random()})
+                           "num_tokens": tokens, "score": rng.uniform(0, top)})
     docs.append({"id": "tiny", "text": "x"})
     scores.append({"id": "tiny", "domain": "ArXiv", "length": 3, "num_tokens": 3,
-                   "score": None, "unscorable": "shorter than 2305 tokens"})
+                   "score": None, "unscorable": SHORT_REASON})
     scores.append(dict(scores[0]))  # an exact duplicate row (e.g. shard files passed twice)
     rng.shuffle(docs)
     (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -347,51 +542,67 @@ def run_select(root, budget, *extra):
 
 def top_per_domain(pool, percentile):
     chosen = []
-    for domain in {s["domain"] for s in pool}:
+    for domain in {s["domain"] for s in pool}:  # None, no domain, is one more domain
         ranked = sorted((s for s in pool if s["domain"] == domain), key=lambda s: -s["score"])
         chosen += ranked[:len(ranked) * percentile // 100]
     return chosen
 
 
 @pytest.mark.parametrize("budget", [600_000, 2_500_000])
-def test_per_domain_selection_honours_budget_and_proportions(synthetic_pool, budget, capsys):
+def test_per_domain_selection_is_the_default_and_keeps_domain_quotas(synthetic_pool, budget,
+                                                                     capsys):
     root, pool = synthetic_pool
-    selected, summary = run_select(root, budget, "--per-domain")
+    selected, summary = run_select(root, budget)
+    assert summary["rule"] == "per-domain"
     p = summary["percentile"]
     expected = top_per_domain(pool, p)
     assert sorted(selected) == sorted(s["id"] for s in expected)
     tokens = sum(s["num_tokens"] for s in expected)
     assert summary["selected_tokens"] == tokens >= budget and summary["budget_reached"]
     assert sum(s["num_tokens"] for s in top_per_domain(pool, p - 1)) < budget  # smallest p
-    for domain, size in (("ArXiv", 100), ("FreeLaw", 50), ("Wikipedia", 20)):
-        assert summary["domains"][domain]["selected_docs"] == size * p // 100
+    for domain, size in POOL_DOMAINS.items():
+        quota = size * p / 100  # the same p % of every domain, to within one document
+        assert abs(summary["domains"][domain]["selected_docs"] - quota) < 1, (domain, quota)
+    assert summary["docs_without_domain"] == POOL_DOMAINS["(none)"]
     assert summary["unscorable_rows_ignored"] == 1 and summary["duplicate_rows_ignored"] == 1
+    assert summary["unscorable_rows_by_reason"] == {SHORT_REASON: 1}
+    assert summary["scored_lengths"] == {"32768": len(pool)}
     assert sum(summary["score_histogram"]["pool"]) == len(pool)
     assert sum(summary["score_histogram"]["selected"]) == len(selected)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"{POOL_DOMAINS['(none)']} scored rows have no domain" in captured.err
+    assert "WARNING" not in captured.err  # one length only: no mixed-length warning
+    assert f"ignored 1 rows with score null: {SHORT_REASON}" in captured.out
     try:
         import matplotlib  # noqa: F401
 
         assert os.path.isfile(summary["histogram_png"])
     except ImportError:
-        assert summary["histogram_png"] is None and "matplotlib is not installed" in err
+        assert summary["histogram_png"] is None and "matplotlib is not installed" in captured.err
+    explicit, _ = run_select(root, budget, "--per-domain")
+    assert explicit == selected
 
 
-def test_global_selection_takes_the_smallest_top_k(synthetic_pool):
+def test_global_top_k_flag_takes_the_smallest_top_k(synthetic_pool):
     root, pool = synthetic_pool
     budget = 1_000_000
-    selected, summary = run_select(root, budget)
+    selected, summary = run_select(root, budget, "--global-top-k")
     ranked = sorted(pool, key=lambda s: -s["score"])
     k = len(selected)
     assert sorted(selected) == sorted(s["id"] for s in ranked[:k])
     assert sum(s["num_tokens"] for s in ranked[:k]) >= budget
     assert sum(s["num_tokens"] for s in ranked[:k - 1]) < budget
     assert summary["rule"] == "global" and summary["percentile"] is None
+    # the low-scoring domain is crowded out, which is what the per-domain default prevents
+    per_domain, by_domain = run_select(root, budget)
+    assert summary["domains"]["Wikipedia"]["selected_docs"] < \
+        by_domain["domains"]["Wikipedia"]["selected_docs"]
+    assert sorted(per_domain) != sorted(selected)
 
 
 def test_budget_beyond_the_pool_takes_everything_and_says_so(synthetic_pool, capsys):
     root, pool = synthetic_pool
-    selected, summary = run_select(root, 10**12, "--per-domain")
+    selected, summary = run_select(root, 10**12)
     assert len(selected) == len(pool) and not summary["budget_reached"]
     assert "NOT reached" in capsys.readouterr().out
 

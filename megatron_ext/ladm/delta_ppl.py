@@ -36,12 +36,14 @@ class ProlongSettings:
     seed: int = 11
 
     def __post_init__(self):
+        # messages name the command-line flags (--prolong-pairs sets ``pairs``)
         if self.span < 2:
-            raise ValueError(f"span must be >= 2 for delta perplexity, got {self.span}")
+            raise ValueError(f"--span must be >= 2 for delta perplexity, got {self.span}")
         if self.seq_length < 2 * self.span:
-            raise ValueError(f"seq_length ({self.seq_length}) must hold two spans of {self.span}")
+            raise ValueError(f"--seq-length ({self.seq_length}) must hold two spans of --span "
+                             f"{self.span}")
         if self.pairs < 1:
-            raise ValueError(f"pairs must be >= 1, got {self.pairs}")
+            raise ValueError(f"--prolong-pairs must be >= 1, got {self.pairs}")
 
     def record(self) -> dict:
         """The settings as written into every score row."""

@@ -4,6 +4,14 @@ A scorer has ``name``, ``min_length()``, ``record()`` (its settings) and
 ``score(list of token-id lists, doc keys) -> list of dicts`` holding at least ``score``
 (``scoring.CdsScorer``, ``delta_ppl.ProlongScorer``). ``prepare_run`` checks the input and the
 output file before any model is loaded; ``score_file`` then does the work.
+
+Only exact ``seq_length``-token prefixes are scored by default. The score depends on the length it
+is computed at (the number of spans, the distance and position weights, the loop bounds), so a
+document scored at its own shorter length is not comparable with full-length ones, and ranking both
+together lets short documents crowd out long ones. LADM's paper and released scorer use exactly
+32,768-token prefixes for that reason. A shorter document is written with ``score: null`` and the
+reason in ``unscorable``; ``score_short_documents`` scores it at its own length instead (when the
+formula fits it), and ``select`` then warns that the file mixes lengths.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ class ScoreOptions:
     shard_index: int = 0
     model_name: str = ""       # recorded in every row, so a resume cannot mix models
     progress: bool = True
+    score_short_documents: bool = False  # score prefixes shorter than seq_length at their length
 
     def __post_init__(self):
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -84,7 +93,8 @@ def prepare_run(scorer_record: dict, input_path: str, output_path: str, options:
     """Validate every input row and recover the output file (fails early, before any model)."""
     scan = scan_input(input_path, options.text_key, options.domain_key, options.id_key,
                       vocab_size, options.num_shards, options.shard_index)
-    settings = {"model": options.model_name, "seq_length": options.seq_length, **scorer_record}
+    settings = {"model": options.model_name, "seq_length": options.seq_length,
+                "score_short_documents": options.score_short_documents, **scorer_record}
     done, dropped = recover_output(output_path, settings)
     stale = done - scan.ids
     if stale:
@@ -137,7 +147,7 @@ def score_file(scorer, tokenizer, run: PreparedRun) -> ScoreReport:
                 report.already_done += 1
                 bar.update(1)
                 continue
-            row, ids = _prepare(doc, tokenizer, options.seq_length, min_length)
+            row, ids = _prepare(doc, tokenizer, options, min_length)
             if ids is None:
                 report.unscorable[row["unscorable"]] += 1
             pending.append((row, ids))
@@ -148,17 +158,28 @@ def score_file(scorer, tokenizer, run: PreparedRun) -> ScoreReport:
     return report
 
 
-def _prepare(doc: Document, tokenizer, seq_length: int,
+def _prepare(doc: Document, tokenizer, options: ScoreOptions,
              min_length: int) -> Tuple[dict, Optional[List[int]]]:
     """The document's output row (score still missing) and its scored prefix, or None."""
     if doc.input_ids is not None:
         ids = doc.input_ids
     else:
         ids = tokenizer(doc.text, verbose=False)["input_ids"]
-    prefix = ids[:seq_length]
+    prefix = ids[:options.seq_length]
     row = {"id": doc.doc_id, "domain": doc.domain, "length": len(prefix),
            "num_tokens": len(ids), "score": None}
-    if len(prefix) < min_length:
-        row["unscorable"] = f"shorter than {min_length} tokens"
+    reason = _unscorable_reason(len(prefix), options, min_length)
+    if reason:
+        # one fixed text per run, so the report and `select` can count documents per reason
+        row["unscorable"] = reason
         prefix = None
     return row, prefix
+
+
+def _unscorable_reason(length: int, options: ScoreOptions, min_length: int) -> Optional[str]:
+    if length < options.seq_length and not options.score_short_documents:
+        return (f"shorter than --seq-length {options.seq_length} (pass --score-short-documents "
+                "to score it at its own length)")
+    if length < min_length:
+        return f"shorter than {min_length} tokens, the least the score's formula needs"
+    return None

@@ -1,9 +1,10 @@
 """Naive LADM reference: CDS read off full eager attention matrices.
 
 For tests and benchmarks only: it materialises every layer's [heads, L, L] probabilities, which
-is exactly what the blockwise scorer avoids. The loops follow the spec's pseudo-code directly
-(the paper's Eqs. for attention mass per span and CDS) and share nothing with ``scoring.py`` but the settings, so
-agreement between the two checks the span plan as well as the blockwise arithmetic.
+is exactly what the blockwise scorer avoids. The loops follow the released scorer's loops and the
+paper's sums directly (as described in ``scoring.py``'s docstring) and share nothing with
+``scoring.py`` but the settings, so agreement between the two checks the span plan as well as the
+blockwise arithmetic.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ def code_variant_cds(probs: torch.Tensor, settings: CdsSettings) -> float:
             k += 1
         pfs = torch.stack(pfs)
         weights = torch.tensor(weights, dtype=torch.float64)
-        afs.append(float((pfs * weights).sum() * pfs.std(unbiased=True) * (t / length)))
+        position = t / length
+        if not settings.length_weight:  # the no_len_weight ablation
+            weights, position = torch.ones_like(weights), 1.0
+        spread = pfs.std(unbiased=True) if settings.std_weight else 1.0  # no_std ablation
+        afs.append(float((pfs * weights).sum() * spread * position))
         t -= stride
     if not afs:
         raise ValueError(f"a {length}-token document is too short for span {c}")
@@ -55,7 +60,11 @@ def paper_variant_cds(probs: torch.Tensor, settings: CdsSettings) -> float:
             continue
         pfs = torch.stack([column_mass[i * c:(i + 1) * c].sum() for i in key_spans])
         distance = torch.tensor([(j - i) / n_spans for i in key_spans], dtype=torch.float64)
-        cds += (j / n_spans) * float(pfs.std(unbiased=True) * (distance * pfs).sum())
+        position = j / n_spans
+        if not settings.length_weight:  # the no_len_weight ablation
+            distance, position = torch.ones_like(distance), 1.0
+        spread = pfs.std(unbiased=True) if settings.std_weight else 1.0  # no_std ablation
+        cds += position * float(spread * (distance * pfs).sum())
     return cds
 
 

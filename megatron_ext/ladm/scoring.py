@@ -21,6 +21,12 @@ i = j-n-1, j-n-1-d_afs, ... >= m (n = local_spans most recent spans excluded, m 
 AFS(j) = std_unbiased(PFS) * sum_i (j-i)/N * PFS(i, j); layer CDS = sum_j (j/N) * AFS(j).
 
 Both: CDS = mean of layer CDS over all layers (heads and layers equally weighted, as released).
+
+Ablations (the released ``--ablation`` choices, paper Table 6), as two independent switches:
+``std_weight=False`` drops the std factor (released ``no_std``); ``length_weight=False`` drops the
+distance and position weights, (k*Delta/L or (j-i)/N) and (t/L or j/N), setting them to 1 (released
+``no_len_weight``; the paper's "no length" ablation). The span plan itself is unchanged, so an
+ablated score looks at exactly the same attention mass as the full one.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -48,16 +54,20 @@ class CdsSettings:
     sink_spans: int = 1
     first_span: int = 16   # paper variant: n0, the first query span
     local_spans: int = 4   # paper variant: n, most recent spans left out of the PFS list
+    std_weight: bool = True     # False: the released ``no_std`` ablation
+    length_weight: bool = True  # False: the released ``no_len_weight`` ablation
 
     def __post_init__(self):
+        # Each field is the command-line flag of the same name (span -> --span), so the message
+        # names the flag to change.
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise ValueError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
         for name in ("span", "d_afs", "d_cds"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("sink_spans", "first_span", "local_spans"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
 
     def record(self) -> dict:
         """The settings as written into every score row."""
@@ -65,6 +75,10 @@ class CdsSettings:
         if self.variant == "code":  # unused by the released formula; keep rows unambiguous
             del record["first_span"], record["local_spans"]
         return record
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -82,10 +96,24 @@ class ScorePlan:
     length: int
     spans: Tuple[QuerySpan, ...]
     reduce: str  # how a layer's AFS values combine: "mean" (code) or "sum" (paper)
+    std_weight: bool = True  # multiply each AFS by the std of its PFS values
+
+
+def without_length_weights(plan: ScorePlan) -> ScorePlan:
+    """The same spans with every distance and position weight set to 1 (no_len_weight)."""
+    spans = tuple(replace(span, key_weights=(1.0,) * len(span.key_weights), weight=1.0)
+                  for span in plan.spans)
+    return replace(plan, spans=spans)
 
 
 def plan_spans(length: int, settings: CdsSettings) -> ScorePlan:
-    """Which query and key spans the score of a ``length``-token document looks at."""
+    """Which query and key spans the score of a ``length``-token document looks at, with the
+    weights the chosen ablations leave."""
+    plan = replace(_full_plan(length, settings), std_weight=settings.std_weight)
+    return plan if settings.length_weight else without_length_weights(plan)
+
+
+def _full_plan(length: int, settings: CdsSettings) -> ScorePlan:
     c = settings.span
     spans: List[QuerySpan] = []
     if settings.variant == "code":
@@ -125,7 +153,8 @@ def aggregate(pfs: Sequence[Sequence[float]], plan: ScorePlan) -> float:
     for values, span in zip(pfs, plan.spans):
         p = torch.as_tensor(values, dtype=torch.float64)
         w = torch.as_tensor(span.key_weights, dtype=torch.float64)
-        afs.append(float(p.std(unbiased=True) * (p * w).sum() * span.weight))
+        spread = p.std(unbiased=True) if plan.std_weight else 1.0
+        afs.append(float(spread * (p * w).sum() * span.weight))
     total = math.fsum(afs)
     return total / len(afs) if plan.reduce == "mean" else total
 

@@ -1,21 +1,27 @@
 """Choose documents by score under a token budget, and summarise the choice.
 
-Per-domain rule (the released ``filter.py``, spec section 2): rank each domain by score, take the
-top floor(n_domain * p / 100) documents of every domain for p = 1, 2, ..., 100 and stop at the
-smallest integer percentile p whose selected tokens reach the budget. Domains keep their share of
-the pool by document count. Global rule: the top-k documents overall, k the smallest count whose
-tokens reach the budget. If the whole pool is short of the budget, everything scorable is
-selected and the summary says so.
+Per-domain rule (default; the paper's and the released ``filter.py``'s): rank each domain by
+score, take the top floor(n_domain * p / 100) documents of every domain for p = 1, 2, ..., 100 and
+stop at the smallest integer percentile p whose selected tokens reach the budget. Every domain thus
+keeps its share of the pool by document count (to within one document), so a domain whose scores
+run high cannot crowd out the others. A document's domain is the ``domain`` its score row records
+(``score --domain-key``); rows without one form a single domain named ``(none)`` and are counted.
+Global rule (opt-in): the top-k documents overall, k the smallest count whose tokens reach the
+budget. If the whole pool is short of the budget, everything scorable is selected and the summary
+says so.
 
 Tokens are counted by an explicit rule: ``document`` (default, as released) counts each selected
 document's full token count (``num_tokens``), ``scored`` counts only its scored prefix
-(``length``). Ties in score rank by id, so the selection is deterministic.
+(``length``). Ties in score rank by id, so the selection is deterministic. Nothing is dropped
+silently: unscored rows (per reason), exact duplicates and rows without a domain are counted in
+the summary, and scores computed at different lengths are reported (they are not comparable).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -23,6 +29,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from megatron_ext.ladm.scores_io import InputError, document_id, parse_json_row
 
 TOKEN_RULES = ("document", "scored")
+NO_DOMAIN = "(none)"
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,19 @@ class ScoredDoc:
 @dataclass
 class ScoreTable:
     docs: List[ScoredDoc] = field(default_factory=list)
-    unscorable: int = 0
+    unscored: Counter = field(default_factory=Counter)  # reason -> rows with score null
     duplicates: int = 0
+    without_domain: int = 0  # scored rows with no domain, pooled as NO_DOMAIN
     settings: List[dict] = field(default_factory=list)
+    # score file -> {scored length: documents}; more than one length means mixed scores
+    lengths: Dict[str, Counter] = field(default_factory=dict)
+
+    @property
+    def unscorable(self) -> int:
+        return sum(self.unscored.values())
+
+    def scored_lengths(self) -> Counter:
+        return sum(self.lengths.values(), Counter())
 
 
 @dataclass
@@ -83,13 +100,30 @@ def load_scores(paths: Sequence[str], count_tokens: str = "document") -> ScoreTa
                 if row.get("settings") not in table.settings:
                     table.settings.append(row.get("settings"))
                 if row["score"] is None:
-                    table.unscorable += 1
+                    table.unscored[str(row.get("unscorable", "no reason recorded"))] += 1
                     continue
                 tokens = row["num_tokens"] if count_tokens == "document" else row["length"]
                 domain = row.get("domain")
-                table.docs.append(ScoredDoc(key, "(none)" if domain is None else str(domain),
+                table.without_domain += domain is None
+                table.lengths.setdefault(path, Counter())[int(row["length"])] += 1
+                table.docs.append(ScoredDoc(key, NO_DOMAIN if domain is None else str(domain),
                                             float(row["score"]), int(tokens)))
     return table
+
+
+def mixed_length_warning(table: ScoreTable) -> Optional[str]:
+    """A warning naming every score file and the lengths its documents were scored at, when the
+    scores were computed at more than one length (scores of different lengths do not compare)."""
+    if len(table.scored_lengths()) < 2:
+        return None
+    lines = ["WARNING: the scores were computed at different lengths and are NOT comparable "
+             "(the score depends on the length through its span count and weights); rescore "
+             "without --score-short-documents, or select from one length only:"]
+    for path, lengths in table.lengths.items():
+        shown = ", ".join(f"{n} docs at {length} tokens"
+                          for length, n in sorted(lengths.items(), reverse=True))
+        lines.append(f"  {path}: {shown}")
+    return "\n".join(lines)
 
 
 def _ranked(docs: Iterable[ScoredDoc]) -> List[ScoredDoc]:
@@ -182,7 +216,10 @@ def summarize(table: ScoreTable, selection: Selection, token_rule: str, bins: in
         "pool_docs": len(table.docs),
         "pool_tokens": sum(d.tokens for d in table.docs),
         "unscorable_rows_ignored": table.unscorable,
+        "unscorable_rows_by_reason": dict(sorted(table.unscored.items())),
         "duplicate_rows_ignored": table.duplicates,
+        "docs_without_domain": table.without_domain,
+        "scored_lengths": {str(k): v for k, v in sorted(table.scored_lengths().items())},
         "score_settings": table.settings,
         "domains": dict(sorted(domains.items())),
         "score_histogram": {"edges": edges, "pool": histogram(scores, edges),
