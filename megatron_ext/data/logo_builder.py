@@ -186,15 +186,20 @@ def _dataset_rows(path: str) -> Iterator[Tuple[int, str, object]]:
         yield index, f"{path}:row {index}", row
 
 
+def _jsonl_rows(path: str) -> Iterator[Tuple[int, str, object]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():  # blank lines are passed over, as the preference preprocessor does
+                yield number, f"{path}:{number}", line
+
+
 def input_rows(path: str, max_rows: Optional[int] = None) -> Iterator[Tuple[int, str, object]]:
     """(line number, where, raw row) of the first ``max_rows`` non-blank rows."""
     if os.path.splitext(path)[1].lower() in DATASETS_SUFFIXES or (
             path.lower().endswith(".json") and _is_json_array(path)):
         rows = _dataset_rows(path)
     else:
-        rows = ((number, f"{path}:{number}", line)
-                for number, line in enumerate(open(path, encoding="utf-8"), start=1)
-                if line.strip())
+        rows = _jsonl_rows(path)
     for count, item in enumerate(rows, start=1):
         if max_rows is not None and count > max_rows:
             return

@@ -9,8 +9,8 @@ of turn / EOS); the answer is the decoded new tokens without special tokens, whi
 
 ``judge``: the judge reads the question, the gold answer and a candidate answer and must answer
 "correct" or "incorrect". It is asked as a constrained choice: the verdict is whichever of the two
-words has the higher log-probability as the whole assistant reply (one forward pass, no sampling,
-no unparseable answers).
+words has the higher log-probability (summed over its tokens) as the start of the assistant's
+reply: one forward pass, no sampling, no unparseable answers.
 """
 
 from __future__ import annotations
