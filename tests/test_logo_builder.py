@@ -168,7 +168,8 @@ def test_summary_counts_drop_reasons(built, qa_rows, tokenizer):
     except ImportError:
         assert summary["feature_extractor"] == "lexical"
     dropped = read(str(out).replace(".jsonl", ".dropped.jsonl"))
-    assert dropped == [{"line": 3, "reason": "min_overlap"}, {"line": 4, "reason": "too_few_chunks"}]
+    assert dropped == [{"line": 3, "reason": "min_overlap"},
+                       {"line": 4, "reason": "too_few_chunks"}]
 
 
 def test_output_preprocesses(built, smollm2_dir, tmp_path):
@@ -328,7 +329,8 @@ def test_echo_judge_drop_reasons(echo, qa_rows, smollm2_dir, tmp_path):
     kept = [line for line, why in expected.items() if why is None]
     assert [r["line"] for r in read(out)] == kept
     summary = json.load(open(tmp_path / "judged.summary.json"))
-    assert summary["kept"] == len(kept) and sum(summary["dropped"].values()) == len(qa_rows) - len(kept)
+    assert summary["kept"] == len(kept)
+    assert sum(summary["dropped"].values()) == len(qa_rows) - len(kept)
     assert summary["scored_with"] == "question + gold answer"
 
 

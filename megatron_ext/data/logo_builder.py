@@ -55,8 +55,8 @@ from tqdm import tqdm
 
 from megatron_ext.data.logo_features import (DEFAULT_SPACY_MODEL, ChunkSelection,
                                              build_extractor, select_chunks)
-from megatron_ext.data.preference_rows import (EMPTY_TEXT, MISSING_FIELD, NOT_JSON, NOT_OBJECT,
-                                               WRONG_TYPE, BadPreferenceRow)
+from megatron_ext.data.preference_rows import (MISSING_FIELD, NOT_JSON, NOT_OBJECT,
+                                               BadPreferenceRow, _text)
 from megatron_ext.errors import UserError
 from megatron_ext.ladm.scores_io import ScoreWriter
 
@@ -130,20 +130,13 @@ class QARow:
 # --------------------------------------------------------------------------- #
 
 def _text_field(row: dict, key: str, where: str, required: bool) -> Optional[str]:
-    if key not in row or row[key] is None:
+    if row.get(key) is None:
         if required:
             raise BadPreferenceRow(f"{where}: field {key!r} is missing; every row needs "
                                    "'context', 'question'" + (" and 'answer'" if key == "answer"
                                                               else ""), MISSING_FIELD)
         return None
-    value = row[key]
-    if not isinstance(value, str):
-        raise BadPreferenceRow(f"{where}: field {key!r} must be a string, got "
-                               f"{type(value).__name__}", WRONG_TYPE)
-    if not value.strip():
-        raise BadPreferenceRow(f"{where}: field {key!r} is empty or whitespace only; give it real "
-                               "text or drop the row", EMPTY_TEXT)
-    return value.strip()
+    return _text(row[key], where, key).strip()  # a non-empty string, else BadPreferenceRow
 
 
 def parse_qa(row, line: int, where: str, need_answer: bool) -> QARow:

@@ -1,4 +1,4 @@
-"""The Hugging Face model behind LOGO data construction: greedy answers and a correct/incorrect judge.
+"""The Hugging Face model behind LOGO data construction: greedy answers, a correct/incorrect judge.
 
 ``CausalLM`` wraps one ``AutoModelForCausalLM`` folder and its tokenizer. A user message is rendered
 with the tokenizer's chat template (with the generation prompt) when it has one, else as plain
