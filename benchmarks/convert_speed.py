@@ -72,8 +72,8 @@ def run_step(step: str, hf_dir: str, out_dir: str, reference: str) -> dict:
     from transformers import AutoConfig, LlamaConfig, MistralConfig, Qwen2Config  # noqa: F401
 
     import megatron_ext.model  # noqa: F401
-    from megatron_ext import convert
-    from megatron_ext.convert import export_hf, import_hf  # noqa: F401
+    from megatron_ext.checkpoints import convert
+    from megatron_ext.checkpoints.convert import export_hf, import_hf  # noqa: F401
 
     base = _status_bytes("VmRSS")
     start = time.perf_counter()
@@ -98,8 +98,8 @@ def make_synthetic_llama(out_dir: str, gigabytes: float) -> str:
     import torch
     from transformers import LlamaConfig
 
-    from megatron_ext.convert import engine, read_hf_config
-    from megatron_ext.convert.hf_io import SafetensorsShardWriter
+    from megatron_ext.checkpoints.convert import engine, read_hf_config
+    from megatron_ext.checkpoints.convert.hf_io import SafetensorsShardWriter
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
@@ -128,8 +128,8 @@ def make_synthetic_llama(out_dir: str, gigabytes: float) -> str:
 
 
 def model_sizes(hf_dir: str) -> dict:
-    from megatron_ext.convert import engine, read_hf_config
-    from megatron_ext.convert.hf_io import HFCheckpointReader
+    from megatron_ext.checkpoints.convert import engine, read_hf_config
+    from megatron_ext.checkpoints.convert.hf_io import HFCheckpointReader
 
     spec = read_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
@@ -221,7 +221,7 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     models = []
     try:
-        from megatron_ext import assets
+        from dev import assets
 
         models.append(("smollm2-135m", str(assets.smollm2_hf_dir())))
     except Exception as err:  # noqa: BLE001 - the asset is optional for the benchmark

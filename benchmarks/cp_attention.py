@@ -216,7 +216,7 @@ def worker(args) -> None:
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_ext import parallel
-    from megatron_ext.data.context_parallel import cp_token_indices, slice_for_cp
+    from megatron_ext.parallel.cp_layout import cp_token_indices, slice_for_cp
     from megatron_ext.model.cp_attention import TorchContextParallelAttention
 
     world = int(os.environ["WORLD_SIZE"])

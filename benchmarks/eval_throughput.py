@@ -33,7 +33,7 @@ GOAL = 0.8
 
 
 def _windows(hf_dir: str, length: int, count: int):
-    from megatron_ext import assets
+    from dev import assets
     from megatron_ext.data.tokenizer import build_tokenizer
     from megatron_ext.evaluate.corpus import EvalCorpus
     from megatron_ext.evaluate.ppl_by_position import select_windows
@@ -156,7 +156,7 @@ def main() -> int:
                                     args.repeats)))
         return 0
 
-    from megatron_ext import assets
+    from dev import assets
 
     hf_dir = str(assets.smollm2_hf_dir())
     work = args.work or tempfile.mkdtemp(prefix="eval_throughput_")

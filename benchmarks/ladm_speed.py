@@ -53,7 +53,7 @@ def load(length: int, docs: int):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from megatron_ext import assets
+    from dev import assets
 
     model_dir = assets.smollm2_hf_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -83,8 +83,8 @@ def _sync(device) -> None:
 def run_method(method: str, model, doc, settings):
     import torch
 
-    from megatron_ext.ladm.reference import reference_layer_scores
-    from megatron_ext.ladm.scoring import CdsScorer
+    from megatron_ext.selection.ladm.reference import reference_layer_scores
+    from megatron_ext.selection.ladm.scoring import CdsScorer
 
     if method == "ours":
         return CdsScorer(model, settings).layer_scores([doc])[0]
@@ -97,7 +97,7 @@ def run_method(method: str, model, doc, settings):
 
 
 def speed(length: int, docs: int, span: int, repeats: int) -> dict:
-    from megatron_ext.ladm.scoring import CdsSettings
+    from megatron_ext.selection.ladm.scoring import CdsSettings
 
     model, documents, device = load(length, docs)
     settings = CdsSettings(span=span)
@@ -133,13 +133,13 @@ def speed(length: int, docs: int, span: int, repeats: int) -> dict:
 
 
 def min_len(settings) -> int:
-    from megatron_ext.ladm.scoring import min_scorable_length
+    from megatron_ext.selection.ladm.scoring import min_scorable_length
 
     return min_scorable_length(settings)
 
 
 def memory_child(method: str, length: int, span: int) -> dict:
-    from megatron_ext.ladm.scoring import CdsSettings
+    from megatron_ext.selection.ladm.scoring import CdsSettings
 
     model, documents, _ = load(length, 1)
     settings = CdsSettings(span=span)

@@ -25,7 +25,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from megatron_ext.arguments import parse_data_path  # noqa: E402
-from megatron_ext.data.demo_data import TOKENIZER_TYPE, prepare_demo_data  # noqa: E402
+from dev.demo_data import TOKENIZER_TYPE, prepare_demo_data  # noqa: E402
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, build_gpt_datasets  # noqa: E402
 from megatron_ext.data.tokenizer import build_tokenizer  # noqa: E402
 

@@ -26,7 +26,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from megatron_ext.data.demo_data import TOKENIZER_TYPE, prepare_demo_data  # noqa: E402
+from dev.demo_data import TOKENIZER_TYPE, prepare_demo_data  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "704",
          "--num-attention-heads", "8", "--num-query-groups", "4",

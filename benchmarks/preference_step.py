@@ -35,7 +35,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from benchmarks.machine import cpu_description  # noqa: E402
-from megatron_ext import assets  # noqa: E402
+from dev import assets  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "704",
          "--num-attention-heads", "8", "--num-query-groups", "4",

@@ -45,9 +45,10 @@ import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
-from megatron_ext import arguments, parallel, platform  # noqa: E402
+from megatron_ext import arguments, parallel  # noqa: E402
+from megatron_ext.parallel import device_platform as platform  # noqa: E402
 from megatron_ext import train as train_mod  # noqa: E402
-from megatron_ext.data.demo_data import prepare_demo_data  # noqa: E402
+from dev.demo_data import prepare_demo_data  # noqa: E402
 from megatron_ext.data.gpt_data import MicroBatchIterator  # noqa: E402
 from megatron_ext.metrics import MetricsWriter  # noqa: E402
 

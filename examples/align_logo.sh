@@ -46,7 +46,7 @@ DEMO_ROWS=${DEMO_ROWS:-48}
 
 mkdir -p "$OUTPUT_DIR"
 if [[ -z "$HF_MODEL" ]]; then
-    HF_MODEL=$($PYTHON -c "from megatron_ext import assets; print(assets.require(assets.smollm2_hf_dir))")
+    HF_MODEL=$($PYTHON -c "from dev import assets; print(assets.require(assets.smollm2_hf_dir))")
 fi
 if [[ -z "$PREFERENCE_JSONL" ]]; then
     PREFERENCE_JSONL=$OUTPUT_DIR/austen_retrieval.jsonl

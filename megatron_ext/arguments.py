@@ -17,7 +17,7 @@ from megatron_ext.config import (ArgsProvider, CheckpointConfig, DataConfig, Dis
 from megatron_ext.data import position_schemes
 from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megatron-LM's flag)
 from megatron_ext.errors import ArgumentError
-from megatron_ext.layout import Layout, launched_world_size
+from megatron_ext.parallel.layout import Layout, launched_world_size
 from megatron_ext.model import attention_backends
 from megatron_ext.objectives import preference
 
@@ -292,10 +292,10 @@ def derive_model_defaults(args: argparse.Namespace) -> None:
 
 def device_is_cpu(device: Optional[str]) -> bool:
     """Whether this run will be on CPU (``--device``, ``MEGATRON_EXT_DEVICE``, else CUDA if any)."""
-    from megatron_ext import platform
+    from megatron_ext.parallel import device_platform
 
     try:
-        return platform.detect(device).is_cpu
+        return device_platform.detect(device).is_cpu
     except (RuntimeError, ValueError) as err:
         raise ArgumentError(str(err)) from None
 

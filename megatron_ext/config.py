@@ -29,7 +29,7 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Tuple, Type, TypeVar
 
-from megatron_ext.layout import Layout
+from megatron_ext.parallel.layout import Layout
 
 T = TypeVar("T")
 

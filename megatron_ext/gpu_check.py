@@ -602,7 +602,7 @@ def _build(ctx: Context, model_config, training: bool, gpu_init: bool = False):
     (one process: TP = PP = CP = 1)."""
     import dataclasses
 
-    from megatron_ext.layout import Layout
+    from megatron_ext.parallel.layout import Layout
     from megatron_ext.model import build_model, transformer_config
     from megatron_ext.model.attention_backends import plan_attention
 
@@ -898,7 +898,7 @@ def _emulate_cp(fn, q, k, v, docs, branches, cp: int, scale: float, **extra):
     backward (a reduce-scatter) does."""
     import torch
 
-    from megatron_ext.data.context_parallel import cp_gathered_indices, cp_token_indices
+    from megatron_ext.parallel.cp_layout import cp_gathered_indices, cp_token_indices
 
     seq, device = q.shape[0], q.device
     gathered = cp_gathered_indices(seq, cp).to(device)
@@ -1248,7 +1248,7 @@ EOD_BYTE_TOKEN = 256  # byte-level tokens 0..255, then the end-of-document token
 def _packed_vs_alone(ctx: Context) -> dict:
     import torch
 
-    from megatron_ext.data.context_parallel import document_ids_from_eod
+    from megatron_ext.parallel.cp_layout import document_ids_from_eod
     from megatron_ext.model.cp_attention import DocumentMaskParams
 
     seq = 256 if ctx.on_cpu else 1024

@@ -20,7 +20,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import arguments, checkpointing, objectives, parallel
+from megatron_ext import arguments, objectives, parallel
+from megatron_ext.checkpoints import checkpointing
 from megatron_ext.config import RunConfig
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
 from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size

@@ -21,8 +21,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def demo_data():
     """(--data-path blend, --tokenizer-model) of the real demo corpus (books + stdlib code)."""
-    from megatron_ext import assets
-    from megatron_ext.data.demo_data import prepare_demo_data
+    from dev import assets
+    from dev.demo_data import prepare_demo_data
 
     return assets.require(prepare_demo_data)
 

@@ -28,8 +28,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_ext import parallel
-from megatron_ext.comm import all_gather_seq
-from megatron_ext.data.context_parallel import merge_cp_slices, slice_for_cp
+from megatron_ext.parallel.collectives import all_gather_seq
+from megatron_ext.parallel.cp_layout import merge_cp_slices, slice_for_cp
 from megatron_ext.model.cp_attention import (
     DocumentMaskParams,
     TorchContextParallelAttention,

@@ -18,7 +18,7 @@ LONG_CHARS, MEDIUM_CHARS = 10_000, 6_000
 @pytest.fixture(scope="session")
 def smollm2():
     """{"hf": HF folder} of SmolLM2-135M-Instruct (fails in CI when the asset is missing)."""
-    from megatron_ext import assets
+    from dev import assets
 
     return {"hf": str(assets.require(assets.smollm2_hf_dir))}
 
@@ -35,7 +35,7 @@ def smollm2_megatron(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def austen_rows():
-    from megatron_ext import assets
+    from dev import assets
 
     with open(assets.require(assets.corpus_jsonl, "austen")) as f:
         return {row["id"]: row["text"] for row in map(json.loads, f)}

@@ -12,7 +12,8 @@ import sys
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_ext import arguments, checkpointing, parallel
+from megatron_ext import arguments, parallel
+from megatron_ext.checkpoints import checkpointing
 from megatron_ext.model import builder
 from megatron_ext.model.cp_attention import TorchContextParallelAttention
 

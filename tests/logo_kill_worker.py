@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 
 import build_logo_data  # noqa: E402
 
-from megatron_ext.ladm import scores_io  # noqa: E402
+from megatron_ext.selection.ladm import scores_io  # noqa: E402
 
 
 def main() -> None:

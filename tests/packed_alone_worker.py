@@ -10,7 +10,7 @@ import sys
 import torch
 
 from megatron_ext import arguments, parallel
-from megatron_ext.data.context_parallel import document_ids_from_eod
+from megatron_ext.parallel.cp_layout import document_ids_from_eod
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.model import build_model, transformer_config
 from megatron_ext.model.cp_attention import DocumentMaskParams

@@ -7,8 +7,8 @@ import zipfile
 
 import pytest
 
-from megatron_ext import assets
-from megatron_ext.assets import (
+from dev import assets
+from dev.assets import (
     AssetUnavailable,
     austen_novels,
     botchan_text,

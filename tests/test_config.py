@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from megatron_ext import arguments, checkpointing, config
-from megatron_ext.convert import architecture
-from megatron_ext.convert.hf_config import read_hf_config
+from megatron_ext import arguments, config
+from megatron_ext.checkpoints import checkpointing
+from megatron_ext.checkpoints.convert import architecture
+from megatron_ext.checkpoints.convert.hf_config import read_hf_config
 from megatron_ext.evaluate import training_hook
 from megatron_ext.objectives.preference import PreferenceOptions
 

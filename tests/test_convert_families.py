@@ -99,7 +99,7 @@ def torchrun(nproc: int, args):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Tiny HF models, converted to Megatron and back, with TP=1 logit checks (one subprocess)."""
-    from megatron_ext import assets
+    from dev import assets
 
     tokenizer_dir = str(assets.require(assets.mistral_sentencepiece_model).parent)
     assets.require(assets.corpus_jsonl, "austen")
@@ -123,7 +123,7 @@ def roundtrip(work):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_is_bit_exact(work, family):
     assert_bit_exact(str(work / "hf" / family), str(work / "out" / family))
-    from megatron_ext.convert import read_hf_config
+    from megatron_ext.checkpoints.convert import read_hf_config
 
     src, out = work / "hf" / family, work / "out" / family
     assert read_hf_config(str(src)) == read_hf_config(str(out))  # rope, eps, tie, vocab, ...
@@ -216,10 +216,10 @@ def test_layout_changing_hop_through_train_is_bit_exact(work, books_data):
 def _roundtrip(root: str) -> None:
     from megatron.core import dist_checkpointing
 
-    from megatron_ext import convert
-    from megatron_ext.convert import engine
-    from megatron_ext.convert.megatron_ckpt import single_process_group
-    from megatron_ext.convert.tables import checkpoint_key
+    from megatron_ext.checkpoints import convert
+    from megatron_ext.checkpoints.convert import engine
+    from megatron_ext.checkpoints.convert.megatron_ckpt import single_process_group
+    from megatron_ext.checkpoints.convert.tables import checkpoint_key
 
     results = {}
     for family in FAMILIES:
@@ -254,7 +254,7 @@ def _roundtrip(root: str) -> None:
 
 
 def _verify(root: str, tp: int) -> None:
-    from megatron_ext import convert
+    from megatron_ext.checkpoints import convert
 
     results = {family: convert.verify(os.path.join(root, "hf", family),
                                       os.path.join(root, "mg", family), tp, max_abs_tol=LOGIT_TOL)

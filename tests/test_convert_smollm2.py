@@ -49,7 +49,7 @@ def torchrun(nproc: int, args):
 def smol(tmp_path_factory):
     """SmolLM2 converted to an fp32 Megatron checkpoint, its TP=1 logit check, and a small
     tokenized Austen dataset (one driver process)."""
-    from megatron_ext import assets
+    from dev import assets
 
     hf_dir = str(assets.require(assets.smollm2_hf_dir))
     corpus = str(assets.require(assets.corpus_jsonl, "austen"))

@@ -10,12 +10,12 @@ import os
 import pytest
 import torch
 
-from megatron_ext.convert import ConversionError, engine, model_flags, read_hf_config
-from megatron_ext.convert.hf_config import to_hf_config
-from megatron_ext.convert.hf_io import HFCheckpointReader, SafetensorsShardWriter, parse_size
-from megatron_ext.convert.tables import (FAMILIES, checkpoint_key, local_name, state_dict_name,
+from megatron_ext.checkpoints.convert import ConversionError, engine, model_flags, read_hf_config
+from megatron_ext.checkpoints.convert.hf_config import to_hf_config
+from megatron_ext.checkpoints.convert.hf_io import HFCheckpointReader, SafetensorsShardWriter, parse_size
+from megatron_ext.checkpoints.convert.tables import (FAMILIES, checkpoint_key, local_name, state_dict_name,
                                          te_name)
-from megatron_ext.convert.transforms import FUSE_GATE_UP, FUSE_QKV, PAD_VOCAB
+from megatron_ext.checkpoints.convert.transforms import FUSE_GATE_UP, FUSE_QKV, PAD_VOCAB
 
 # SmolLM2-135M-Instruct's config.json as transformers 5 writes it (no weights needed here).
 SMOLLM2_V5 = {
@@ -110,7 +110,7 @@ def test_unsupported_configs_are_refused_by_name(change, message):
 
 
 def test_layout_validation_names_the_flag():
-    from megatron_ext.convert.hf_config import check_layout
+    from megatron_ext.checkpoints.convert.hf_config import check_layout
 
     spec = read_hf_config(SMOLLM2_V5)
     check_layout(spec, 3, 5)
@@ -121,7 +121,7 @@ def test_layout_validation_names_the_flag():
 
 
 def test_vocab_padding_is_train_py_rule():
-    from megatron_ext.convert.hf_config import padded_vocab_size
+    from megatron_ext.checkpoints.convert.hf_config import padded_vocab_size
     from megatron_ext.data import tokenizer
 
     for vocab, divisible, tp in [(32000, 128, 1), (32000, 512, 2), (49152, 128, 3),
@@ -283,7 +283,7 @@ def test_import_refuses_bad_checkpoints_before_touching_anything(tmp_path):
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from megatron_ext.convert import hf_to_megatron
+    from megatron_ext.checkpoints.convert import hf_to_megatron
 
     config = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)

@@ -19,7 +19,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_ext.data.context_parallel import (
+from megatron_ext.parallel.cp_layout import (
     cp_gathered_indices,
     cp_token_indices,
     document_ids_from_eod,

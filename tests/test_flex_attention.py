@@ -12,7 +12,7 @@ import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_ext.data.context_parallel import cp_gathered_indices, cp_token_indices
+from megatron_ext.parallel.cp_layout import cp_gathered_indices, cp_token_indices
 from megatron_ext.model import flex_attention
 from megatron_ext.model.cp_attention import (
     DocumentMaskParams,

@@ -50,7 +50,7 @@ def test_flex_forward_and_backward_equal_blockwise_on_cuda():
 
     import torch
 
-    from megatron_ext.data.context_parallel import cp_gathered_indices, cp_token_indices
+    from megatron_ext.parallel.cp_layout import cp_gathered_indices, cp_token_indices
     from megatron_ext.model.cp_attention import context_parallel_attention
     from megatron_ext.model.flex_attention import flex_context_parallel_attention
 

@@ -7,10 +7,10 @@ import pytest
 
 from launch import REPO_ROOT
 from megatron_ext import arguments
-from megatron_ext.convert.errors import ConversionError
+from megatron_ext.checkpoints.convert.errors import ConversionError
 from megatron_ext.errors import ArgumentError, UserError
 from megatron_ext.evaluate import cli as evaluate_cli
-from megatron_ext.layout import HF_NAMES, Layout
+from megatron_ext.parallel.layout import HF_NAMES, Layout
 
 
 def test_layout_rules():

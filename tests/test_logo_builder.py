@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 
-from megatron_ext import assets
+from dev import assets
 from megatron_ext.commands import build_logo_data as cli
 from megatron_ext.data import logo_builder, logo_generate
-from megatron_ext.data.demo_preference import split_sentences
+from dev.demo_preference import split_sentences
 from megatron_ext.data.logo_features import lexical_features, stem
 from megatron_ext.data.preprocess_preference import preprocess_preference
 

@@ -24,9 +24,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 from launch import run  # noqa: E402
 
-from megatron_ext.longrecipe import impactful_tokens as it  # noqa: E402
-from megatron_ext.longrecipe import sentence_selection as ss  # noqa: E402
-from megatron_ext.longrecipe import token_classes as tc  # noqa: E402
+from megatron_ext.selection.longrecipe import impactful_tokens as it  # noqa: E402
+from megatron_ext.selection.longrecipe import sentence_selection as ss  # noqa: E402
+from megatron_ext.selection.longrecipe import token_classes as tc  # noqa: E402
 
 TARGET, RATIO = 2048, 0.3
 BUDGET = round(RATIO * TARGET)
@@ -37,14 +37,14 @@ NUMERAL = re.compile(r"\d|\b(?:" + "|".join(sorted(tc.NUMBER_WORDS)) + r")\b", r
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from megatron_ext import assets
+    from dev import assets
 
     return assets.require(assets.smollm2_hf_dir)
 
 
 @pytest.fixture(scope="module")
 def austen_rows():
-    from megatron_ext import assets
+    from dev import assets
 
     with open(assets.require(assets.corpus_jsonl, "austen")) as f:
         return [json.loads(line) for line in f]
@@ -158,7 +158,7 @@ def test_delta_is_extended_minus_base_of_the_next_token(austen_rows):
     """An 'extended' model whose logits are exactly twice the base's: delta = base logit."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from megatron_ext import assets
+    from dev import assets
 
     tokenizer = AutoTokenizer.from_pretrained(str(assets.require(assets.smollm2_hf_dir)))
     torch.manual_seed(0)
@@ -333,7 +333,7 @@ def test_select_is_deterministic_from_the_seed(selection, smollm2):
 
 
 def test_split_sentences_covers_text_at_delimiters(austen_rows, tmp_path):
-    from megatron_ext import assets
+    from dev import assets
 
     text = austen_rows[0]["text"][:30000]
     for wrapped in (False, True):

@@ -1,4 +1,4 @@
-"""Checkpoint merging (megatron_ext/merge.py, tools/merge_checkpoints.py).
+"""Checkpoint merging (megatron_ext/checkpoints/merge.py, tools/merge_checkpoints.py).
 
 - HF: SmolLM2 and a perturbed copy with a long-context config -> exactly the fp32 weighted average
   cast to bf16, with the first input's config, tokenizer and generation config;
@@ -61,7 +61,7 @@ def smollm2_pair(tmp_path_factory):
     """(original SmolLM2, 'extended' copy: perturbed weights + long-context config)."""
     from safetensors.torch import save_file
 
-    from megatron_ext import assets
+    from dev import assets
     from megatron_ext.model.rope_base import ntk_rope_base
 
     original = assets.require(assets.smollm2_hf_dir)
@@ -120,9 +120,9 @@ def tiny_hf(folder, tensors: dict):
 
 
 def test_bad_input_is_refused_by_name(tmp_path):
-    from megatron_ext.merge import TRACKER_FILE, MergeError, merge_checkpoints
+    from megatron_ext.checkpoints.merge import TRACKER_FILE, MergeError, merge_checkpoints
 
-    from megatron_ext import checkpointing
+    from megatron_ext.checkpoints import checkpointing
 
     assert TRACKER_FILE == checkpointing.TRACKER_FILE
     a = tiny_hf(tmp_path / "a", {"w": torch.ones(2, 3), "v": torch.zeros(4)})

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from launch import TINY_MODEL, data_args, rel_diff, run_from, save_initial_checkpoint
-from megatron_ext import assets
-from megatron_ext.data.context_parallel import document_ids_from_eod
+from dev import assets
+from megatron_ext.parallel.cp_layout import document_ids_from_eod
 from megatron_ext.data.preprocess import output_prefix_for, preprocess
 
 pytestmark = pytest.mark.multiprocess

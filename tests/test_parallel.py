@@ -1,6 +1,7 @@
 import pytest
 
-from megatron_ext.parallel import check_layout, first_host_in_nodelist, launch_info
+from megatron_ext.parallel.groups import check_layout
+from megatron_ext.parallel.launch import first_host_in_nodelist, launch_info
 
 
 @pytest.mark.parametrize("nodelist, first", [

@@ -20,7 +20,7 @@ def test_redirections_stay_off_when_cuda_is_used():
         from unittest import mock
         import torch
         import megatron.core.tensor_parallel.random as tp_random
-        from megatron_ext import platform
+        from megatron_ext.parallel import device_platform as platform
 
         originals = (torch.cuda.current_device, torch.cuda.get_rng_state, tp_random._set_cuda_rng_state)
         with mock.patch("torch.cuda.is_available", return_value=True), \\
@@ -40,7 +40,7 @@ def test_cpu_platform_redirects_megatron_cuda_assumptions():
     out = _run_python("""
         import torch
         from megatron.core.tensor_parallel import random as tp_random
-        from megatron_ext import platform
+        from megatron_ext.parallel import device_platform as platform
 
         plat = platform.activate(platform.detect("cpu"))
         assert (plat.device_type, plat.backend) == ("cpu", "gloo")
@@ -78,7 +78,7 @@ def test_cpu_platform_redirects_megatron_cuda_assumptions():
 
 
 def test_requesting_cuda_without_a_gpu_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-c", "from megatron_ext import platform; platform.detect('cuda')"],
+    proc = subprocess.run([sys.executable, "-c", "from megatron_ext.parallel import device_platform; device_platform.detect('cuda')"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--device cpu" in proc.stderr

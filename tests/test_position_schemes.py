@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from megatron_ext.arguments import parse_data_path
 from megatron_ext.data import position_schemes as ps
 from megatron_ext.data import token_flags
-from megatron_ext.data.context_parallel import merge_cp_slices, slice_for_cp
+from megatron_ext.parallel.cp_layout import merge_cp_slices, slice_for_cp
 from megatron_ext.data.gpt_data import build_gpt_datasets
 from megatron_ext.data.tokenizer import build_tokenizer
 

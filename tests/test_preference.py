@@ -26,7 +26,7 @@ import torch
 from launch import REPO_ROOT, TINY_MODEL, read_metrics, rel_diff, run, run_from, \
     save_initial_checkpoint, torchrun
 from megatron_ext.data import position_schemes
-from megatron_ext.data.demo_preference import make_preference_rows
+from dev.demo_preference import make_preference_rows
 from megatron_ext.data.preference_samples import (PreferenceRows, branches,
                                                   layout_length, prompt_positions,
                                                   separate_sample, shared_prefix_sample)

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece
 
 from launch import REPO_ROOT
-from megatron_ext import assets
+from dev import assets
 from megatron_ext.arguments import ArgumentError, parse_data_path
 from megatron_ext.data.preprocess import MalformedRow, preprocess, read_documents
 

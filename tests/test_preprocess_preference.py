@@ -13,10 +13,10 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from launch import REPO_ROOT
-from megatron_ext import assets
+from dev import assets
 from megatron_ext.data import preference_rows as pr
 from megatron_ext.data import token_flags
-from megatron_ext.data.demo_preference import QUESTION, austen_passages, make_preference_rows
+from dev.demo_preference import QUESTION, austen_passages, make_preference_rows
 from megatron_ext.data.preprocess_preference import (BadPreferenceRow, data_prefix_for,
                                                      preprocess_preference, read_preference_rows)
 from megatron_ext.data.tokenizer import build_tokenizer

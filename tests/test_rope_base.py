@@ -59,7 +59,7 @@ def test_bad_input_is_refused_by_name(kwargs, message):
 
 
 def test_reads_smollm2_config_and_both_layouts(tmp_path):
-    from megatron_ext import assets
+    from dev import assets
 
     smollm2 = assets.require(assets.smollm2_hf_dir)  # transformers-5 layout (rope_parameters)
     settings = read_hf_rope_settings(str(smollm2))
@@ -95,7 +95,7 @@ def test_command_line(capsys):
     err = capsys.readouterr().err
     assert "--rotary-base" in err and "--original-seq-length" in err
 
-    from megatron_ext import assets
+    from dev import assets
 
     smollm2 = str(assets.require(assets.smollm2_hf_dir))
     assert rope_base.main(["--hf-config", smollm2, "--target-seq-length", "32768"]) == 0

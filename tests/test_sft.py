@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from launch import TINY_MODEL, rel_diff, run_from, save_initial_checkpoint
-from megatron_ext import assets
+from dev import assets
 from megatron_ext.arguments import parse_data_path
 from megatron_ext.data import token_flags
 from megatron_ext.data.chat import tokenize_conversation

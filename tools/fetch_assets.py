@@ -3,7 +3,7 @@
     python tools/fetch_assets.py [--all] [--tokenizer] [--corpora] [--smollm2] [--botchan]
 
 Without flags: tokenizer + corpora. The cache is $MEGATRON_EXT_CACHE or
-~/.cache/megatron_ext (see megatron_ext/assets.py).
+~/.cache/megatron_ext (see dev/assets.py).
 """
 
 import argparse
@@ -11,7 +11,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from megatron_ext import assets
+from dev import assets
 
 
 def parse_args(argv=None) -> argparse.Namespace:

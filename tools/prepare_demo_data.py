@@ -9,7 +9,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from megatron_ext.data.demo_data import demo_data_dir, prepare_demo_data
+from dev.demo_data import demo_data_dir, prepare_demo_data
 
 
 def main() -> int:

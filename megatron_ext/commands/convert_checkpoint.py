@@ -15,7 +15,7 @@ import json
 import sys
 
 
-from megatron_ext.convert import ConversionError
+from megatron_ext.checkpoints.convert import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--tensor-model-parallel-size", type=int, default=1,
                      help="> 1: launch with torchrun --nproc-per-node N")
     ver.add_argument("--num-tokens", type=int, default=512)
-    ver.add_argument("--text-file", default=None, help="default: a slice of Austen's Emma")
+    ver.add_argument("--text-file", default=None, help="default: English prose from the Python standard library's module "
+                          "documentation (about 3,000 tokens)")
     ver.add_argument("--max-abs-tol", type=float, default=1e-3)
     ver.add_argument("--min-agreement", type=float, default=0.999)
     for parser in (imp, exp):
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_ext import convert
+    from megatron_ext.checkpoints import convert
 
     try:
         if args.command == "hf-to-megatron":

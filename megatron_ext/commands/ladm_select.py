@@ -22,7 +22,7 @@ import os
 import sys
 
 from megatron_ext import errors
-from megatron_ext.ladm.scores_io import InputError
+from megatron_ext.selection.ladm.scores_io import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_score(args) -> int:
-    from megatron_ext.ladm.delta_ppl import ProlongSettings
-    from megatron_ext.ladm.loading import build_scorer, load_tokenizer, model_vocab_size
-    from megatron_ext.ladm.pipeline import (ScoreOptions, check_tokenizer, prepare_run,
+    from megatron_ext.selection.ladm.delta_ppl import ProlongSettings
+    from megatron_ext.selection.ladm.loading import build_scorer, load_tokenizer, model_vocab_size
+    from megatron_ext.selection.ladm.pipeline import (ScoreOptions, check_tokenizer, prepare_run,
                                             score_file)
-    from megatron_ext.ladm.scoring import CdsSettings, min_scorable_length
+    from megatron_ext.selection.ladm.scoring import CdsSettings, min_scorable_length
 
     options = ScoreOptions(args.text_key, args.domain_key, args.id_key, args.seq_length,
                            args.batch_size, args.num_shards, args.shard_index,
@@ -150,7 +150,7 @@ def refuse_ablations_without_cds(args) -> None:
 
 
 def run_select(args) -> int:
-    from megatron_ext.ladm import selection
+    from megatron_ext.selection.ladm import selection
 
     if args.budget_tokens < 1:
         raise InputError(f"--budget-tokens must be >= 1, got {args.budget_tokens}")
@@ -178,7 +178,7 @@ def run_select(args) -> int:
 
 def warn_about_scores(table, per_domain: bool) -> None:
     """Say on stderr what could make the ranking misleading; never stop the selection."""
-    from megatron_ext.ladm.selection import mixed_length_warning
+    from megatron_ext.selection.ladm.selection import mixed_length_warning
 
     mixed = mixed_length_warning(table)
     if mixed:

@@ -19,7 +19,7 @@ import sys
 
 
 from megatron_ext.dtypes import dtype_name
-from megatron_ext.longrecipe import token_classes as tc
+from megatron_ext.selection.longrecipe import token_classes as tc
 
 
 def _segment_unit(text: str) -> str:
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_analyze(args) -> int:
-    from megatron_ext.longrecipe import impactful_tokens as it
+    from megatron_ext.selection.longrecipe import impactful_tokens as it
 
     report = it.analyze(args.base_model, args.extended_model, args.input, args.text_key,
                         args.max_tokens, args.num_docs, args.top_fraction, args.position_bucket,
@@ -120,7 +120,7 @@ def run_analyze(args) -> int:
 
 
 def run_select(args) -> int:
-    from megatron_ext.longrecipe import sentence_selection as ss
+    from megatron_ext.selection.longrecipe import sentence_selection as ss
 
     # The selector checks its flags first; the tokenizer (seconds to load) comes after.
     selector = ss.SentenceSelector(None, args.target_seq_length, args.budget_ratio,
@@ -138,8 +138,8 @@ def run_select(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_ext.longrecipe.impactful_tokens import AnalysisError
-    from megatron_ext.longrecipe.sentence_selection import SelectionError
+    from megatron_ext.selection.longrecipe.impactful_tokens import AnalysisError
+    from megatron_ext.selection.longrecipe.sentence_selection import SelectionError
 
     try:
         return run_analyze(args) if args.command == "analyze" else run_select(args)

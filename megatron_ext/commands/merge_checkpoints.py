@@ -15,7 +15,7 @@ import argparse
 import sys
 
 
-from megatron_ext.merge import DTYPES, MergeError, merge_checkpoints
+from megatron_ext.checkpoints.merge import DTYPES, MergeError, merge_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,10 @@
 """One-screen summary of a training run directory (metrics.jsonl, checkpoints, TensorBoard)."""
 
 import argparse
-import json
 import os
+
+from megatron_ext import jsonl
+from megatron_ext.errors import UserError
 
 
 def summarize(run_dir: str) -> str:
@@ -10,16 +12,14 @@ def summarize(run_dir: str) -> str:
     if not os.path.exists(metrics_path):
         return f"no metrics at {metrics_path}"
     train, evals, runs = [], [], []
-    with open(metrics_path) as f:
-        for line in f:
-            record = json.loads(line)
-            kind = record.get("kind")
-            if kind is None:
-                train.append(record)
-            elif kind == "eval":
-                evals.append(record)
-            elif kind == "run":  # what ran: layer spec, attention backend, dtype, CP exchange
-                runs.append(record)
+    for _, record in jsonl.read_rows(metrics_path, lambda message, kind: UserError(message)):
+        kind = record.get("kind")
+        if kind is None:
+            train.append(record)
+        elif kind == "eval":
+            evals.append(record)
+        elif kind == "run":  # what ran: layer spec, attention backend, dtype, CP exchange
+            runs.append(record)
     if not train:
         return f"{metrics_path} holds no training iterations"
     first, last = train[0], train[-1]
@@ -54,8 +54,11 @@ def summarize(run_dir: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="summarize_run.py", description=__doc__)
     p.add_argument("run_dir")
-    print(summarize(p.parse_args().run_dir))
+    try:
+        print(summarize(p.parse_args(argv).run_dir))
+    except UserError as err:  # a damaged metrics file: one line naming FILE:LINE
+        p.error(str(err))
     return 0

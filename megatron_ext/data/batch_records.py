@@ -20,7 +20,7 @@ import numpy as np
 
 from megatron_ext.config import RunConfig
 from megatron_ext.data import token_flags
-from megatron_ext.data.context_parallel import cp_token_indices
+from megatron_ext.parallel.cp_layout import cp_token_indices
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
 from megatron_ext.objectives import datasets_for
 from megatron_ext.data.tokenizer import build_tokenizer

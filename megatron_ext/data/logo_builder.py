@@ -55,10 +55,10 @@ from tqdm import tqdm
 
 from megatron_ext.data.logo_features import (DEFAULT_SPACY_MODEL, ChunkSelection,
                                              build_extractor, select_chunks)
-from megatron_ext.data.preference_rows import (MISSING_FIELD, NOT_JSON, NOT_OBJECT,
-                                               BadPreferenceRow, _text)
+from megatron_ext import jsonl
+from megatron_ext.data.preference_rows import (MISSING_FIELD, NOT_OBJECT, BadPreferenceRow,
+                                               _text, preference_row_error)
 from megatron_ext.errors import UserError
-from megatron_ext.ladm.scores_io import ScoreWriter
 
 # Why a well-formed row is not kept (the dropped-rows file and the summary use these names).
 TOO_FEW_CHUNKS = "too_few_chunks"
@@ -142,11 +142,8 @@ def _text_field(row: dict, key: str, where: str, required: bool) -> Optional[str
 def parse_qa(row, line: int, where: str, need_answer: bool) -> QARow:
     """One input row (a JSON line or a ``datasets`` row) -> QARow, or BadPreferenceRow."""
     if isinstance(row, str):
-        try:
-            row = json.loads(row)
-        except json.JSONDecodeError as err:
-            raise BadPreferenceRow(f"{where}: not valid JSON ({err.msg} at column {err.colno})",
-                                   NOT_JSON) from None
+        row = jsonl.parse_object(row, where, preference_row_error,
+                                 "a JSON object with 'context', 'question' and 'answer'")
     if not isinstance(row, dict):
         raise BadPreferenceRow(f"{where}: expected a JSON object with 'context', 'question' and "
                                f"'answer', got {type(row).__name__}", NOT_OBJECT)
@@ -224,33 +221,16 @@ def output_files(output: str) -> Dict[str, str]:
 
 def recover_lines(path: str, flag: str) -> Tuple[List[dict], int]:
     """Rows already in ``path`` and the bytes of a torn last line cut from it (a killed run)."""
-    rows: List[dict] = []
-    if not os.path.exists(path):
-        return rows, 0
-    kept_bytes, dropped, lost_newline = 0, 0, False
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                if not line.endswith(b"\n"):
-                    dropped = len(line)
-                    break
-                raise UserError(f"{flag} {path}:{number} is not valid JSON; the file is damaged "
-                                "before its last line: move it away and rebuild") from None
-            if not isinstance(row, dict) or not isinstance(row.get("line"), int):
-                raise UserError(f"{flag} {path}:{number} has no 'line' number; it was not written "
-                                "by this builder: choose another --output")
-            rows.append(row)
-            kept_bytes += len(line)
-            lost_newline = not line.endswith(b"\n")
-    if dropped or lost_newline:
-        with open(path, "r+b") as f:
-            f.truncate(kept_bytes)
-            if lost_newline:
-                f.seek(kept_bytes)
-                f.write(b"\n")
-    return rows, dropped
+    def accept(row, number: int) -> None:
+        if not isinstance(row, dict) or not isinstance(row.get("line"), int):
+            raise UserError(f"{flag} {path}:{number} has no 'line' number; it was not written "
+                            "by this builder: choose another --output")
+
+    def damaged(number: int) -> Exception:
+        return UserError(f"{flag} {path}:{number} is not valid JSON; the file is damaged "
+                         "before its last line: move it away and rebuild")
+
+    return jsonl.recover_appended(path, accept, damaged)
 
 
 def pin_settings(path: str, settings: dict, have_rows: bool) -> None:
@@ -378,7 +358,7 @@ class Builder:
 
 
 def _settings(input_path: str, options: BuildOptions, feature_name: str) -> dict:
-    from megatron_ext.ladm.loading import resolve_device, resolve_dtype
+    from megatron_ext.selection.ladm.loading import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(options.dtype, resolve_device(options.device))
     return {"input": os.path.abspath(input_path), "model": os.path.abspath(options.model),
@@ -439,7 +419,7 @@ def build_logo_data(input_path: str, output_path: str, options: BuildOptions) ->
     builder = Builder(options, AutoTokenizer.from_pretrained(options.model), features)
     start = time.perf_counter()
     processed = 0
-    with ScoreWriter(files["output"]) as out, ScoreWriter(files["dropped"]) as drop, tqdm(
+    with jsonl.AppendWriter(files["output"]) as out, jsonl.AppendWriter(files["dropped"]) as drop, tqdm(
             total=total, unit="row", disable=not options.progress, desc="LOGO data") as bar:
         for block in _blocks(read_qa(input_path, options), options.batch_size):
             todo = [r for r in block if r.line not in done]

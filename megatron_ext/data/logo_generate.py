@@ -42,7 +42,7 @@ class CausalLM:
                  chat_template: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from megatron_ext.ladm.loading import resolve_device, resolve_dtype
+        from megatron_ext.selection.ladm.loading import resolve_device, resolve_dtype
 
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise UserError(f"{model_dir}: no config.json; pass a Hugging Face model folder")

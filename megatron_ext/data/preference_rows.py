@@ -24,11 +24,11 @@ is scored on answering and on stopping.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from megatron_ext import jsonl
 from megatron_ext.data.chat import ROLES, render
 from megatron_ext.errors import UserError
 
@@ -52,6 +52,11 @@ class BadPreferenceRow(UserError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+def preference_row_error(message: str, kind: str) -> BadPreferenceRow:
+    """``jsonl.parse_object``'s errors, with the reason --skip-bad-rows counts them under."""
+    return BadPreferenceRow(message, NOT_JSON if kind == "json" else NOT_OBJECT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +141,8 @@ def _messages(value: list, where: str) -> Tuple[Dict[str, str], ...]:
 
 def parse_row(line: str, where: str) -> PreferenceRow:
     """One JSONL line -> PreferenceRow; raises BadPreferenceRow naming ``where`` and the field."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise BadPreferenceRow(f"{where}: not valid JSON ({err.msg} at column {err.colno})",
-                               NOT_JSON) from None
-    if not isinstance(row, dict):
-        raise BadPreferenceRow(f"{where}: expected a JSON object with 'chosen' and 'rejected', "
-                               f"got {type(row).__name__}", NOT_OBJECT)
+    row = jsonl.parse_object(line, where, preference_row_error,
+                             "a JSON object with 'chosen' and 'rejected'")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise BadPreferenceRow(f"{where}: field {key!r} is missing; every row needs "

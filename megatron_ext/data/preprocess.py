@@ -14,7 +14,6 @@ skip them, in which case every skipped row is counted and reported; nothing is d
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -23,6 +22,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_ext import jsonl
 from megatron_ext.data import token_flags
 from megatron_ext.data.chat import ChatFormatError, check_messages, tokenize_conversation
 from megatron_ext.data.tokenizer import build_tokenizer, token_dtype
@@ -66,12 +66,7 @@ def _lookup(row: dict, dotted_key: str):
 def parse_row(line: str, json_keys: Sequence[str], where: str) -> dict:
     """One JSONL line -> {key: text or messages}; raises MalformedRow naming the location and the
     problem."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise MalformedRow(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(row, dict):
-        raise MalformedRow(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = jsonl.parse_object(line, where, lambda message, kind: MalformedRow(message))
     texts = {}
     for key in json_keys:
         value = _lookup(row, key)

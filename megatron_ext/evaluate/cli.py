@@ -18,11 +18,12 @@ import sys
 import time
 from typing import Optional, Sequence, Tuple
 
-from megatron_ext import arguments, checkpointing
+from megatron_ext import arguments
+from megatron_ext.checkpoints import checkpointing
 from megatron_ext.config import ModelConfig
 from megatron_ext.model import attention_backends
 from megatron_ext.errors import UserError, report
-from megatron_ext.layout import Layout, launched_world_size
+from megatron_ext.parallel.layout import Layout, launched_world_size
 from megatron_ext.evaluate.options import parse_depths, parse_lengths  # noqa: F401 (public)
 from megatron_ext.evaluate.tasks import DEFAULT_DEPTHS, TASKS, EvalConfig
 

@@ -12,12 +12,12 @@ order and cached once tokenized, so several tasks share the tokenization work.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
 
+from megatron_ext import jsonl
 from megatron_ext.errors import UserError
 
 
@@ -59,11 +59,12 @@ class EvalCorpus:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CorpusError(f"{self.flag} {path}:{line_no}: not valid JSON ({err.msg}); "
-                                      f"each line must be an object with a 'text' field") from None
+                row = jsonl.parse_object(
+                    line, f"{self.flag} {path}:{line_no}",
+                    lambda message, kind: CorpusError(
+                        message + ("; each line must be an object with a 'text' field"
+                                   if kind == "json" else "")),
+                    "an object with a string 'text' field")
                 text = row.get("text") if isinstance(row, dict) else None
                 if not isinstance(text, str):
                     raise CorpusError(f"{self.flag} {path}:{line_no}: expected an object with a "

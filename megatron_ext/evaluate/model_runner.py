@@ -32,10 +32,10 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import checkpointing
+from megatron_ext.checkpoints import checkpointing
 from megatron_ext.config import ModelConfig
-from megatron_ext.layout import Layout
-from megatron_ext.data.context_parallel import cp_token_indices, merge_cp_slices, slice_for_cp
+from megatron_ext.parallel.layout import Layout
+from megatron_ext.parallel.cp_layout import cp_token_indices, merge_cp_slices, slice_for_cp
 from megatron_ext.model.output_rows import OutputRows, unwrap
 
 Progress = Optional[Callable[[int], None]]

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Dict, List
 
-from megatron_ext.evaluate import plots
+from megatron_ext import plots
 from megatron_ext.evaluate.tasks import PPL_TASK
 
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from megatron_ext.config import ModelConfig
 from megatron_ext.errors import ArgumentError
-from megatron_ext.layout import Layout
+from megatron_ext.parallel.layout import Layout
 
 BACKEND_CHOICES = ("auto", "flex", "blockwise", "te", "torch")
 BACKEND_ALIASES = {"torch": "blockwise"}

@@ -19,7 +19,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.config import ModelConfig
-from megatron_ext.layout import Layout
+from megatron_ext.parallel.layout import Layout
 from megatron_ext.model.attention_backends import (
     CP_COMM_ALIASES,
     TE_SPEC,

@@ -5,7 +5,7 @@ asserts CP == 1. ``TorchContextParallelAttention`` is a drop-in for the layer sp
 ``core_attention`` submodule that works for any CP size (CP=1 included). It is the CPU training
 path and the reference that the fused ``flex`` backend (``flex_attention.py``) is tested against:
 
-* Layout: Megatron's load-balanced one (``megatron_ext.data.context_parallel``): rank r holds
+* Layout: Megatron's load-balanced one (``megatron_ext.parallel.cp_layout``): rank r holds
   chunks r and 2*CP-1-r of the sequence. Causal masking uses the *global* index of every token in
   that layout (not the position ids, which skip-wise schemes or per-document resets change).
 * Exchange: every rank all-gathers the keys and values of the CP group with our autograd-correct
@@ -38,8 +38,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_ext.comm import all_gather_seq
-from megatron_ext.data.context_parallel import cp_chunk_spans
+from megatron_ext.parallel.collectives import all_gather_seq
+from megatron_ext.parallel.cp_layout import cp_chunk_spans
 from megatron_ext.model.attention_backends import DEFAULT_BLOCK_TOKENS
 from megatron_ext.errors import UserError
 

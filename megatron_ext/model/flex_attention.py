@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from megatron_ext.data.context_parallel import cp_gathered_indices, cp_token_indices
+from megatron_ext.parallel.cp_layout import cp_gathered_indices, cp_token_indices
 from megatron_ext.model.attention_backends import FLEX_BLOCK_TOKENS
 from megatron_ext.model.cp_attention import (
     BRANCH_BITS,

@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_ext.config import ObjectiveConfig, RunConfig
-from megatron_ext.data.context_parallel import slice_for_cp
+from megatron_ext.parallel.cp_layout import slice_for_cp
 from megatron_ext.data.gpt_data import build_gpt_datasets
 from megatron_ext.errors import ArgumentError
 from megatron_ext.losses import masked_token_loss

@@ -26,7 +26,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.comm import sum_over_group
+from megatron_ext.parallel.collectives import sum_over_group
 from megatron_ext.errors import UserError
 
 METRICS = ("pref_loss", "sft_loss", "rewards/chosen", "rewards/rejected", "margin", "accuracy")

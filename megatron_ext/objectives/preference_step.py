@@ -25,7 +25,7 @@ from typing import Dict
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_ext.data.context_parallel import slice_for_cp
+from megatron_ext.parallel.cp_layout import slice_for_cp
 from megatron_ext.model.cp_attention import DocumentMaskParams
 from megatron_ext.model.output_rows import OutputRows
 from megatron_ext.objectives.preference_loss import (METRICS, PreferenceLossConfig, answer_log_prob_sums,

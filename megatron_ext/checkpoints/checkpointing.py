@@ -1,0 +1,275 @@
+"""Checkpoints with Megatron-Core dist_checkpointing (torch_dist format), Megatron-LM's layout:
+
+    SAVE/iter_0000100/            model + optimizer shards, common.pt, metadata
+    SAVE/iter_0000100/model_args.json
+    SAVE/latest_checkpointed_iteration.txt
+
+Atomic: shards go to ``iter_XXXXXXX.tmp``, which is renamed once every rank has written, and the
+tracker file is replaced last. A crash mid-save leaves the previous checkpoint as the latest.
+Sharded tensors carry global shapes, so a checkpoint saved under one TP/PP layout loads under
+another. Resume restores iteration, data position (consumed samples), optimizer, LR schedule and,
+when the layout is unchanged, every rank's RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_ext.config import (ARCHITECTURE_FIELDS, EXTENSION_FIELDS, CheckpointConfig,
+                                 ModelConfig)
+from megatron_ext.checkpoints import publish
+from megatron_ext.errors import UserError
+
+TRACKER_FILE = publish.TRACKER_FILE
+FORMAT_VERSION = 1
+
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[str]:
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def checkpoint_dir_to_load(root: str) -> Tuple[str, Optional[int]]:
+    """(directory, iteration) of the latest checkpoint under ``root``; 'release' has no iteration."""
+    tag = read_tracker(root)
+    if tag is None:
+        raise CheckpointError(f"--load {root}: no {TRACKER_FILE} found; is this a checkpoint "
+                              "directory written by megatron_ext (or tools/convert_checkpoint.py)?")
+    if tag == "release":
+        return os.path.join(root, "release"), None
+    try:
+        iteration = int(tag)
+    except ValueError:
+        raise CheckpointError(f"{os.path.join(root, TRACKER_FILE)} holds {tag!r}, expected an "
+                              "iteration number or 'release'") from None
+    return iteration_dir(root, iteration), iteration
+
+
+def architecture_of(model: ModelConfig) -> dict:
+    return {field: getattr(model, field) for field in ARCHITECTURE_FIELDS}
+
+
+# Recorded beside the architecture, not checked against a run: a context extension changes them.
+RECORDED_FIELDS = ("max_position_embeddings", "seq_length", "use_rope_scaling",
+                   "rope_scaling_factor", "rotary_seq_len_interpolation_factor")
+
+
+def model_record(model: ModelConfig) -> dict:
+    """What ``model_args.json`` holds: the architecture, the lengths and the RoPE scaling."""
+    return architecture_of(model) | {field: getattr(model, field) for field in RECORDED_FIELDS}
+
+
+# Loading weights only (evaluation, conversion parity): iteration, optimizer and RNG untouched.
+WEIGHTS_ONLY = CheckpointConfig(finetune=True, no_load_optim=True, no_load_rng=True)
+
+
+def read_model_args(checkpoint_dir: str) -> dict:
+    path = os.path.join(checkpoint_dir, "model_args.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing: not a megatron_ext checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _layout() -> dict:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object() -> ShardedObject:
+    """This rank's RNG states, one slot per rank of the (pp, tp, cp, dp) grid."""
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    layout = _layout()
+    shape = (layout["pp"], layout["tp"], layout["cp"], layout["dp"])
+    offset = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_context_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _unwrap(model_chunk):
+    return getattr(model_chunk, "module", model_chunk)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, scheduler,
+         consumed_samples: int, model_config: ModelConfig, tag: Optional[str] = None) -> str:
+    """Write a checkpoint for ``iteration`` atomically; returns its directory."""
+    final_dir = os.path.join(root, tag) if tag else iteration_dir(root, iteration)
+    tmp_dir = final_dir + ".tmp"
+    if _is_rank0():
+        publish.start(final_dir)
+    _barrier()
+
+    model_sd = _unwrap(model[0]).sharded_state_dict()
+    state = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "layout": _layout(),
+        "model": model_sd,
+        "rng_state": _rng_sharded_object(),
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, tmp_dir)
+    _barrier()
+
+    if _is_rank0():
+        with open(os.path.join(tmp_dir, "model_args.json"), "w") as f:
+            json.dump(model_record(model_config), f, indent=2)
+        publish.publish(tmp_dir, final_dir)
+        publish.write_tracker(root, tag or str(iteration))
+    _barrier()
+    return final_dir
+
+
+def saved_padded_vocab_size(root: str) -> Optional[int]:
+    """The embedding rows of the checkpoint --load would read (None: no checkpoint there).
+
+    Converted Hugging Face models often have more rows than their tokenizer has tokens (Qwen2,
+    SmolLM2), so the checkpoint, not the tokenizer, decides the embedding shape.
+    """
+    if read_tracker(root) is None:
+        return None
+    ckpt_dir, _ = checkpoint_dir_to_load(root)
+    return read_model_args(ckpt_dir).get("padded_vocab_size")
+
+
+def check_architecture(checkpoint_dir: str, model: ModelConfig, finetune: bool) -> None:
+    saved = read_model_args(checkpoint_dir)
+    free = EXTENSION_FIELDS if finetune else ()
+    mismatched = [
+        f"{field}: checkpoint {saved[field]!r} vs run {getattr(model, field)!r}"
+        for field in ARCHITECTURE_FIELDS
+        if field in saved and saved[field] != getattr(model, field) and field not in free
+    ]
+    if mismatched:
+        flags = ", ".join("--" + m.split(":")[0].replace("_", "-") for m in mismatched)
+        raise CheckpointError(f"--load {checkpoint_dir} was written for a different model "
+                              f"({'; '.join(mismatched)}); set {flags} to match the checkpoint")
+
+
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def drop_absent_extra_states(model_sd: dict, ckpt_dir: str) -> set:
+    """Remove from ``model_sd`` the ``*._extra_state`` entries the checkpoint does not hold.
+
+    Transformer Engine modules keep FP8 scaling metadata as ``_extra_state``; a checkpoint written
+    with the local spec (CPU training, the converter) has none for modules that only TE's spec
+    has (its core attention, for one). Those start from TE's defaults. Returns the dropped keys.
+    """
+    extra = [k for k in model_sd if k.endswith(EXTRA_STATE_SUFFIX)]
+    if not extra:
+        return set()
+    saved = dist_checkpointing.serialization.load_sharded_metadata(ckpt_dir)
+    absent = {k for k in extra if getattr(model_sd[k], "key", k) not in saved}
+    for key in absent:
+        del model_sd[key]
+    return absent
+
+
+def load_model_state(module: torch.nn.Module, state: dict, absent_extra: set,
+                     ckpt_dir: str) -> None:
+    """``load_state_dict`` that tolerates exactly the absent extra states and nothing else."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in absent_extra]
+    if missing or unexpected:
+        raise CheckpointError(f"--load {ckpt_dir} does not fit this model: missing "
+                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                              f"{list(unexpected)[:5]}")
+
+
+def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_config: ModelConfig,
+         options: CheckpointConfig = WEIGHTS_ONLY) -> Tuple[int, int]:
+    """Restore from the latest checkpoint under ``root``; returns (iteration, consumed_samples).
+
+    With ``options.finetune`` only the weights are loaded and training starts at iteration 0. Like
+    Megatron-LM, a --load directory without any checkpoint starts a fresh run (so --load and --save
+    can name the same directory), except with --finetune, where weights are the point.
+    """
+    if read_tracker(root) is None and not options.finetune:
+        if _is_rank0():
+            print(f" no checkpoint found under --load {root}; starting from scratch", flush=True)
+        return 0, 0
+    ckpt_dir, _ = checkpoint_dir_to_load(root)
+    check_architecture(ckpt_dir, model_config, options.finetune)
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    full_resume = not options.finetune
+    same_layout = common.get("layout") == _layout()
+
+    model_sd = _unwrap(model[0]).sharded_state_dict()
+    absent_extra = drop_absent_extra_states(model_sd, ckpt_dir)
+    request = {"model": model_sd}
+    load_optim = full_resume and not options.no_load_optim and "optimizer" in common
+    if load_optim:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    load_rng = full_resume and not options.no_load_rng and same_layout
+    if load_rng:
+        request["rng_state"] = _rng_sharded_object()
+    state = dist_checkpointing.load(request, ckpt_dir)
+
+    load_model_state(_unwrap(model[0]), state["model"], absent_extra, ckpt_dir)
+    if load_optim:
+        optimizer.load_state_dict(state["optimizer"])
+    if load_rng:
+        _restore_rng(state["rng_state"].data if hasattr(state["rng_state"], "data")
+                     else state["rng_state"])
+    if not full_resume:
+        return 0, 0
+    if scheduler is not None and "opt_param_scheduler" in common:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    return int(common["iteration"]), int(common["consumed_samples"])
