@@ -204,7 +204,7 @@ def test_top_tokens_are_chosen_per_position_bucket():
 def test_bad_documents_are_named_by_line(tmp_path, smollm2):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine."}\n{"body": "no text field"}\n')
-    with pytest.raises(it.AnalysisError, match="line 2: no string field 'text'"):
+    with pytest.raises(it.AnalysisError, match="bad.jsonl:2: no string field 'text'"):
         list(it.read_documents(str(bad)))
     sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
     import longrecipe_select
