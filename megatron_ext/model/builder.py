@@ -28,6 +28,7 @@ from megatron_ext.model.attention_backends import (
 )
 from megatron_ext.model.cp_attention import TorchContextParallelAttention
 from megatron_ext.model.flex_attention import FlexContextParallelAttention
+from megatron_ext.model.init import initialize_layout_invariant
 from megatron_ext.model.rotary import PositionIdsGPTModel
 
 
@@ -114,17 +115,19 @@ def layer_spec(model: ModelConfig, layout: Layout, on_cpu: bool,
 
 
 def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, on_cpu: bool,
-                plan: Optional[AttentionPlan] = None) -> GPTModel:
+                plan: Optional[AttentionPlan] = None, init_seed: Optional[int] = None) -> GPTModel:
     """This rank's stage of the model (first/last stages own embedding/output layer), with
     ``model.padded_vocab_size`` embedding rows.
 
     RoPE angles come from the batch's position ids (PoSE/LongRecipe/packed documents need that;
-    the stock GPTModel assumes 0..s-1).
+    the stock GPTModel assumes 0..s-1). With ``init_seed`` (training), the weights are drawn again
+    by ``init.initialize_layout_invariant``: the same for every TP/PP/CP/DP layout. Without it
+    (a checkpoint overwrites them anyway) Megatron-Core's construction-order draws stay.
     """
     if model.padded_vocab_size is None:
         raise ValueError("ModelConfig.padded_vocab_size is not set: use with_vocab() with the "
                          "tokenizer's padded size or the checkpoint's record first")
-    return PositionIdsGPTModel(
+    module = PositionIdsGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, layout, on_cpu, plan),
         vocab_size=model.padded_vocab_size,
@@ -139,3 +142,6 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, o
         rope_scaling_factor=model.rope_scaling_factor,
         seq_len_interpolation_factor=model.rotary_seq_len_interpolation_factor,
     )
+    if init_seed is not None:
+        initialize_layout_invariant(module, config, init_seed)
+    return module
