@@ -21,9 +21,10 @@ last stage) draw the same values because they share the name.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -39,8 +40,23 @@ def generator_for(seed: int, name: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def initial_values(name: str, shape, config: TransformerConfig, seed: int) -> torch.Tensor:
-    """The full (TP=1) fp32 initial tensor of the parameter called ``name``.
+def global_name(sh: ShardedTensor) -> str:
+    """The shard's tensor in the single-process model: its key, and for stacked layers (axes
+    prepended to the local tensor, e.g. ``decoder.layers.mlp.linear_fc1.weight`` with the global
+    layer number on axis 0) its offsets on those axes."""
+    lead = sh.prepend_axis_num
+    return sh.key if not lead else f"{sh.key}@{tuple(sh.global_offset[:lead])}"
+
+
+def local_index(sh: ShardedTensor) -> tuple:
+    """Where the shard sits in its global tensor (the prepended axes left out)."""
+    lead = sh.prepend_axis_num
+    return tuple(slice(o, o + n) for o, n in zip(sh.global_offset[lead:], sh.local_shape))
+
+
+def initial_values(name: str, shape, config: TransformerConfig,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The full (TP=1) fp32 initial tensor of the parameter whose checkpoint key is ``name``.
 
     Megatron-Core 0.16.1's rules: biases zeros (``_initialize_affine_weight_*`` leaves them zero),
     norm weights ones (1-D weights: RMSNorm/LayerNorm scales), word embeddings
@@ -58,7 +74,7 @@ def initial_values(name: str, shape, config: TransformerConfig, seed: int) -> to
         std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
     else:
         std = config.init_method_std
-    return torch.empty(shape).normal_(0.0, std, generator=generator_for(seed, name))
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
 def sharded_tensors(module: torch.nn.Module) -> List[ShardedTensor]:
@@ -72,32 +88,46 @@ def sharded_tensors(module: torch.nn.Module) -> List[ShardedTensor]:
     return shards
 
 
-def _storage(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+def parameter_shards(module: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter, int,
+                                                         ShardedTensor]]:
+    """(parameter name, parameter, element offset of the shard in it, shard) for every shard that
+    is (a contiguous block of) a parameter. Found by address, since parameters may be views of one
+    buffer (DDP with the distributed optimizer)."""
+    spans = sorted((p.data_ptr(), name, p) for name, p in module.named_parameters())
+    starts = [start for start, _, _ in spans]
+    found = []
+    for sh in sharded_tensors(module):
+        if sh.data is None:
+            continue
+        at = bisect.bisect_right(starts, sh.data.data_ptr()) - 1
+        if at < 0:
+            continue
+        start, name, param = spans[at]
+        offset = (sh.data.data_ptr() - start) // param.element_size()
+        if offset + sh.data.numel() <= param.numel() and param.dtype == sh.data.dtype:
+            found.append((name, param, offset, sh))
+    return found
 
 
 @torch.no_grad()
 def initialize_layout_invariant(module: torch.nn.Module, config: TransformerConfig,
                                 seed: int) -> None:
     """Re-draw every parameter of ``module`` (one rank's model chunk) by the rule above."""
-    params = {_storage(p): (name, p) for name, p in module.named_parameters()}
-    written: Dict[str, int] = {name: 0 for name, _ in params.values()}
-    shards = [sh for sh in sharded_tensors(module)
-              if sh.data is not None and _storage(sh.data) in params]
-    # Shards of one global tensor (SwiGLU's two halves) share the draw: grouped by key.
-    shards.sort(key=lambda sh: sh.key)
-    key, full = None, None
-    for sh in shards:
-        lead = sh.prepend_axis_num
-        # Stacked layouts (prepended axes) are told apart by their offsets on those axes.
-        name = sh.key if not lead else f"{sh.key}@{tuple(sh.global_offset[:lead])}"
-        if name != key:
-            key, full = name, initial_values(name, sh.global_shape[lead:], config, seed)
-        piece = full[tuple(slice(o, o + n) for o, n in zip(sh.global_offset[lead:],
-                                                             sh.local_shape))]
+    written: Dict[str, int] = {name: 0 for name, _ in module.named_parameters()}
+    shards = parameter_shards(module)
+    # Shards of one global tensor (SwiGLU's two halves) share the draw: grouped by name.
+    shards.sort(key=lambda found: global_name(found[3]))
+    drawn, full = None, None
+    for name, param, _, sh in shards:
+        if global_name(sh) != drawn:
+            lead = sh.prepend_axis_num
+            drawn = global_name(sh)
+            full = initial_values(sh.key, sh.global_shape[lead:], config,
+                                  generator_for(seed, drawn))
+        piece = full[local_index(sh)]
         sh.data.copy_(piece.to(sh.data.dtype))
-        written[params[_storage(sh.data)][0]] += sh.data.numel()
-    missed = [name for name, p in params.values() if written[name] != p.numel()]
+        written[name] += sh.data.numel()
+    missed = [name for name, p in module.named_parameters() if written[name] != p.numel()]
     if missed:
         # A parameter without (or with overlapping) shards would keep Megatron's draw and break
         # the rule silently: a bug in this module for a new parameter kind.
