@@ -40,33 +40,40 @@ LAYOUTS = {
     "CP=2xTP=2": (4, CP2 + TP2),
     "CP=2xDP=2+distributed-optimizer": (4, CP2 + ["--use-distributed-optimizer"]),
     "TP=2+distributed-optimizer": (2, TP2 + ["--use-distributed-optimizer"]),
-    "TP=2+sequence-parallel": (2, TP2 + ["--sequence-parallel"]),
     "DP=2+full-recompute": (2, ["--recompute-granularity", "full"]),
 }
+# (--sequence-parallel is not here: Megatron-Core's local layer spec refuses it with torch norms,
+# so it runs on GPUs with Transformer Engine only.)
 # Layouts whose initial weights are also compared through a saved checkpoint.
 SAVE_INITIAL = ("TP=2", "PP=2")
+FROM_CHECKPOINT = "TP=2 from checkpoint"
+
+
+class Runs:
+    """Each layout's probe run, made when a test first asks for it (one run serves the loss,
+    gradient and weight checks; a failing layout fails its own tests only)."""
+
+    def __init__(self, root, args):
+        self.root, self.args, self.done = root, args, {}
+
+    def __getitem__(self, name):
+        if name not in self.done:
+            nproc, extra = (1, []) if name == "single" else LAYOUTS.get(name, (2, TP2))
+            if name == FROM_CHECKPOINT:
+                # The old way still works: one process's checkpoint, resharded by --finetune.
+                extra = [*extra, "--load", self["single"]["init"], "--finetune"]
+            out = self.root / name.replace("=", "").replace("+", "_").replace(" ", "_")
+            save = ["--save-initial-checkpoint"] if name in ("single", *SAVE_INITIAL) else []
+            self.done[name] = {**probe(nproc, out, [*self.args, *extra, *save]),
+                               "init": str(out / "init")}
+        return self.done[name]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, books_data):
     root = tmp_path_factory.mktemp("equivalence")
-    args = [*TINY_MODEL, *data_args(*books_data, cache=str(root / "index-cache")),
-            *LR_FROM_ITERATION_1, "--train-iters", str(ITERATIONS)]
-
-    def run(name, nproc, extra):
-        out = root / name.replace("=", "").replace("+", "_")
-        save = ["--save-initial-checkpoint"] if name in ("single", *SAVE_INITIAL) else []
-        result = probe(nproc, out, [*args, *extra, *save])
-        result["init"] = str(out / "init")
-        return result
-
-    results = {"single": run("single", 1, [])}
-    for name, (nproc, extra) in LAYOUTS.items():
-        results[name] = run(name, nproc, extra)
-    # The old way still works: a checkpoint saved by one process, resharded by --finetune.
-    results["TP=2 from checkpoint"] = run("tp2_from_checkpoint", 2, [
-        *TP2, "--load", results["single"]["init"], "--finetune"])
-    return results
+    return Runs(root, [*TINY_MODEL, *data_args(*books_data, cache=str(root / "index-cache")),
+                       *LR_FROM_ITERATION_1, "--train-iters", str(ITERATIONS)])
 
 
 def test_reference_run_trains(runs):
@@ -81,21 +88,22 @@ def test_reference_run_trains(runs):
     assert all(g.norm() > 0 for g in grads.values()), [k for k, g in grads.items() if g.norm() == 0]
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, "TP=2 from checkpoint"])
+@pytest.mark.parametrize("layout", [*LAYOUTS, FROM_CHECKPOINT])
 def test_losses_and_grad_norms_match_single_process(runs, layout):
     reference, other = runs["single"]["metrics"], runs[layout]["metrics"]
     assert [r["iteration"] for r in other] == list(range(1, ITERATIONS + 1))
-    diffs = [rel_diff(got["loss"], ref["loss"]) for ref, got in zip(reference, other)]
-    print(f"\n{layout}: relative loss differences per iteration {['%.2e' % d for d in diffs]}")
+    for key in ("loss", "grad_norm"):
+        diffs = [rel_diff(got[key], ref[key]) for ref, got in zip(reference, other)]
+        print(f"\n{layout}: relative {key} differences per iteration "
+              f"{['%.1e' % d for d in diffs]}")
     for ref, got in zip(reference, other):
         tolerance = 1e-6 if ref["iteration"] == 1 else 1e-4
         assert ref["loss_tokens"] == got["loss_tokens"]
         assert rel_diff(got["loss"], ref["loss"]) <= tolerance, (layout, ref, got)
-        assert rel_diff(got["grad_norm"], ref["grad_norm"]) <= 10 * max(tolerance, 1e-5), (
-            layout, ref, got)
+        assert rel_diff(got["grad_norm"], ref["grad_norm"]) <= tolerance, (layout, ref, got)
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, "TP=2 from checkpoint"])
+@pytest.mark.parametrize("layout", [*LAYOUTS, FROM_CHECKPOINT])
 def test_every_parameter_gradient_matches_single_process(runs, layout):
     reference, other = runs["single"]["grads"], runs[layout]["grads"]
     assert sorted(other) == sorted(reference)
