@@ -107,7 +107,7 @@ def test_losses_and_grad_norms_match_single_process(runs, layout):
 def test_every_parameter_gradient_matches_single_process(runs, layout):
     reference, other = runs["single"]["grads"], runs[layout]["grads"]
     assert sorted(other) == sorted(reference)
-    diffs = {name: ((other[name] - ref).norm() / ref.norm()).item()
+    diffs = {name: ((other[name].double() - ref.double()).norm() / ref.double().norm()).item()
              for name, ref in reference.items()}
     worst = max(diffs, key=diffs.get)
     print(f"\n{layout}: largest relative gradient difference {diffs[worst]:.2e} ({worst})")

@@ -115,6 +115,7 @@ def compare(a: dict, b: dict, tolerance: float) -> dict:
         if gb is None or gb.shape != ga.shape:
             params[name] = float("inf")  # a different model: a parameter is missing or reshaped
         else:
+            ga, gb = ga.double(), gb.double()
             params[name] = ((gb - ga).norm() / ga.norm().clamp(min=1e-30)).item()
     for name in b["grads"].keys() - a["grads"].keys():
         params[name] = float("inf")

@@ -37,12 +37,13 @@ def local_pieces(module: torch.nn.Module) -> List[tuple]:
         # A shard is the whole parameter or a contiguous block of it (SwiGLU's halves).
         grad = param.main_grad.reshape(-1)[offset:offset + sh.data.numel()].view(sh.local_shape)
         pieces.append((global_name(sh), tuple(sh.global_shape[sh.prepend_axis_num:]),
-                       local_index(sh), grad.detach().to(torch.float64).clone()))
+                       local_index(sh), grad.detach().clone()))
     return pieces
 
 
 def global_gradients(module: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
-    """Rank 0: {global name: fp64 gradient of global shape}; other ranks: None.
+    """Rank 0: {global name: gradient of global shape, in main_grad's dtype (fp32)}; other
+    ranks: None.
 
     Call after the gradients are finalised (all-reduced, per-token scaled) and, with the
     distributed optimizer, completed by ``complete_distributed_optimizer_grads``.
@@ -56,5 +57,5 @@ def global_gradients(module: torch.nn.Module) -> Optional[Dict[str, torch.Tensor
     grads: Dict[str, torch.Tensor] = {}
     for name, shape, index, piece in (p for pieces in everyone for p in pieces):
         # Replicas (DP, CP, TP copies of norms) write the same values into the same place.
-        grads.setdefault(name, torch.zeros(shape, dtype=torch.float64))[index] = piece
+        grads.setdefault(name, torch.zeros(shape, dtype=piece.dtype))[index] = piece
     return grads

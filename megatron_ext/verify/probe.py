@@ -5,7 +5,7 @@ trains ``--train-iters`` iterations with ``train.train``, so the numbers are the
 Writes to the directory OUT:
 
     metrics.jsonl   the trainer's per-iteration records (loss, grad_norm, ...)
-    grads.pt        {global parameter name: fp64 gradient of global shape} of iteration 1, taken
+    grads.pt        {global parameter name: fp32 gradient of global shape} of iteration 1, taken
                     right after Megatron's gradient finalisation (before clipping and the update)
     init/           with --save-initial-checkpoint: the weights before iteration 1 (torch_dist)
 
