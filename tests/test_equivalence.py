@@ -133,3 +133,18 @@ def test_initial_weights_equal_single_process(runs, layout):
     assert len(reference) >= 10 and sorted(other) == sorted(reference)
     for name, tensor in reference.items():
         assert torch.equal(other[name], tensor), name
+
+
+def test_initial_weights_follow_megatron_rules(runs):
+    """Megatron-Core's init rules, checked on the saved single-process weights: N(0, 0.02) for
+    matrices, 0.02 / sqrt(2 * num_layers) for the output projections, ones for the norms."""
+    weights = saved_weights(runs["single"]["init"])
+    num_layers = TINY_MODEL[TINY_MODEL.index("--num-layers") + 1]
+    for name, tensor in weights.items():
+        if "norm" in name:  # final_layernorm.weight, the layer_norm_weight of each layer
+            assert torch.equal(tensor, torch.ones_like(tensor)), name
+            continue
+        scaled = "linear_proj" in name or "linear_fc2" in name
+        std = 0.02 / (2 * int(num_layers)) ** 0.5 if scaled else 0.02
+        assert abs(tensor.std().item() / std - 1) < 0.05 and abs(tensor.mean().item()) < std / 20, (
+            name, tensor.std().item(), std)

@@ -6,7 +6,7 @@ converted to an fp32 Megatron checkpoint and trained one iteration by ``megatron
 global shape, are mapped to Hugging Face names by the converter's tables (the mapping is linear, so
 it maps gradients as it maps weights). transformers computes the same token-averaged loss on the
 same tokens in fp32 and backpropagates. Per tensor: ||g_megatron - g_hf|| / ||g_hf|| <= 1e-4, at
-TP=1 and TP=3 (9 heads: TP must divide 9 and 3).
+TP=1, TP=3 (9 heads: TP must divide 9 and 3), CP=2 and PP=2.
 """
 
 import json
@@ -22,7 +22,10 @@ from launch import REPO_ROOT, probe, run
 pytestmark = pytest.mark.multiprocess
 
 SEQ, SEED, TOLERANCE = 128, 1234, 1e-4
-LAYOUTS = {"TP=1": (1, []), "TP=3": (3, ["--tensor-model-parallel-size", "3"])}
+LAYOUTS = {"TP=1": (1, []), "TP=3": (3, ["--tensor-model-parallel-size", "3"]),
+           "CP=2": (2, ["--context-parallel-size", "2"]),
+           # Tied embeddings across stages: the last stage's output layer is the embedding.
+           "PP=2": (2, ["--pipeline-model-parallel-size", "2"])}
 
 
 @pytest.fixture(scope="module")
