@@ -118,11 +118,10 @@ def initialize_layout_invariant(module: torch.nn.Module, config: TransformerConf
     # Shards of one global tensor (SwiGLU's two halves) share the draw: grouped by name.
     shards.sort(key=lambda found: global_name(found[3]))
     drawn, full = None, None
-    for name, param, _, sh in shards:
+    for name, _, _, sh in shards:
         if global_name(sh) != drawn:
-            lead = sh.prepend_axis_num
             drawn = global_name(sh)
-            full = initial_values(sh.key, sh.global_shape[lead:], config,
+            full = initial_values(sh.key, sh.global_shape[sh.prepend_axis_num:], config,
                                   generator_for(seed, drawn))
         piece = full[local_index(sh)]
         sh.data.copy_(piece.to(sh.data.dtype))
