@@ -10,7 +10,7 @@ import torch
 
 def first_batches(tokenizer_dir: str, data_prefix: str, cache: str, seq: int, seed: int,
                   global_batch: int) -> List[dict]:
-    """The micro-batches (size 1) of the first global batch, as one data-parallel rank reads them."""
+    """The micro-batches (size 1) of the first global batch, as a single process reads them."""
     from megatron_ext.arguments import parse_data_path
     from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, build_gpt_datasets
     from megatron_ext.data.tokenizer import build_tokenizer

@@ -70,7 +70,8 @@ def to_hf_names(grads: dict, hf_dir: str) -> dict:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_every_gradient_matches_transformers(smollm2_megatron, data, hf_grads, layout):  # noqa: F811
+def test_every_gradient_matches_transformers(smollm2_megatron, data, hf_grads,  # noqa: F811
+                                             layout):
     nproc, extra = LAYOUTS[layout]
     out = data["root"] / layout.replace("=", "")
     result = probe(nproc, out, [

@@ -1,4 +1,4 @@
-"""Layout-invariant initialisation: the initial weights depend on the seed and the architecture only.
+"""Layout-invariant initialisation: initial weights depend on the seed and the architecture only.
 
 Megatron-Core draws every parameter from the global RNG in construction order, so the same seed
 gives a different model under pipeline parallelism (a stage builds only its own layers) and the

@@ -73,9 +73,9 @@ def main(argv: List[str]) -> int:
 
 
 def _probe(cfg, out: str, save_initial: bool) -> int:
-    _, plat = parallel.initialize(cfg.layout.tp, cfg.layout.pp, cfg.layout.cp,
-                                  device=cfg.distributed.device,
-                                  hierarchical_cp_sizes=cfg.layout.hierarchical_context_parallel_sizes)
+    layout = cfg.layout
+    _, plat = parallel.initialize(layout.tp, layout.pp, layout.cp, device=cfg.distributed.device,
+                                  hierarchical_cp_sizes=layout.hierarchical_context_parallel_sizes)
     try:
         s = train.setup(cfg, plat)
         if save_initial:
