@@ -47,6 +47,15 @@ LAYOUTS = {
 # Layouts whose initial weights are also compared through a saved checkpoint.
 SAVE_INITIAL = ("TP=2", "PP=2")
 FROM_CHECKPOINT = "TP=2 from checkpoint"
+# Tied embeddings under PP: the last stage's output layer is a copy of the first stage's
+# embedding (drawn under the embedding's name, gradients summed across the stages).
+TIED = {"PP=2 tied embeddings": (2, PP2)}
+TIED_REFERENCE = "single tied embeddings"
+CHECKED = [*LAYOUTS, FROM_CHECKPOINT, *TIED]
+
+
+def reference_of(layout: str) -> str:
+    return TIED_REFERENCE if layout in TIED else "single"
 
 
 class Runs:
@@ -58,13 +67,17 @@ class Runs:
 
     def __getitem__(self, name):
         if name not in self.done:
-            nproc, extra = (1, []) if name == "single" else LAYOUTS.get(name, (2, TP2))
+            nproc, extra = ((1, []) if name in ("single", TIED_REFERENCE)
+                            else {**LAYOUTS, **TIED}.get(name, (2, TP2)))
             if name == FROM_CHECKPOINT:
                 # The old way still works: one process's checkpoint, resharded by --finetune.
                 extra = [*extra, "--load", self["single"]["init"], "--finetune"]
             out = self.root / name.replace("=", "").replace("+", "_").replace(" ", "_")
             save = ["--save-initial-checkpoint"] if name in ("single", *SAVE_INITIAL) else []
-            self.done[name] = {**probe(nproc, out, [*self.args, *extra, *save]),
+            args = self.args
+            if name in (TIED_REFERENCE, *TIED):
+                args = [a for a in args if a != "--untie-embeddings-and-output-weights"]
+            self.done[name] = {**probe(nproc, out, [*args, *extra, *save]),
                                "init": str(out / "init")}
         return self.done[name]
 
@@ -88,9 +101,9 @@ def test_reference_run_trains(runs):
     assert all(g.norm() > 0 for g in grads.values()), [k for k, g in grads.items() if g.norm() == 0]
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, FROM_CHECKPOINT])
+@pytest.mark.parametrize("layout", CHECKED)
 def test_losses_and_grad_norms_match_single_process(runs, layout):
-    reference, other = runs["single"]["metrics"], runs[layout]["metrics"]
+    reference, other = runs[reference_of(layout)]["metrics"], runs[layout]["metrics"]
     assert [r["iteration"] for r in other] == list(range(1, ITERATIONS + 1))
     for key in ("loss", "grad_norm"):
         diffs = [rel_diff(got[key], ref[key]) for ref, got in zip(reference, other)]
@@ -103,9 +116,9 @@ def test_losses_and_grad_norms_match_single_process(runs, layout):
         assert rel_diff(got["grad_norm"], ref["grad_norm"]) <= tolerance, (layout, ref, got)
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, FROM_CHECKPOINT])
+@pytest.mark.parametrize("layout", CHECKED)
 def test_every_parameter_gradient_matches_single_process(runs, layout):
-    reference, other = runs["single"]["grads"], runs[layout]["grads"]
+    reference, other = runs[reference_of(layout)]["grads"], runs[layout]["grads"]
     assert sorted(other) == sorted(reference)
     diffs = {name: ((other[name].double() - ref.double()).norm() / ref.double().norm()).item()
              for name, ref in reference.items()}
