@@ -40,10 +40,9 @@ LAYOUTS = {
     "CP=2xTP=2": (4, CP2 + TP2),
     "CP=2xDP=2+distributed-optimizer": (4, CP2 + ["--use-distributed-optimizer"]),
     "TP=2+distributed-optimizer": (2, TP2 + ["--use-distributed-optimizer"]),
+    "TP=2+sequence-parallel": (2, TP2 + ["--sequence-parallel"]),
     "DP=2+full-recompute": (2, ["--recompute-granularity", "full"]),
 }
-# (--sequence-parallel is not here: Megatron-Core's local layer spec refuses it with torch norms,
-# so it runs on GPUs with Transformer Engine only.)
 # Layouts whose initial weights are also compared through a saved checkpoint.
 SAVE_INITIAL = ("TP=2", "PP=2")
 FROM_CHECKPOINT = "TP=2 from checkpoint"

@@ -17,6 +17,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlock,
+                                                         TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 
 from megatron_ext.config import ModelConfig
 from megatron_ext.parallel.layout import Layout
@@ -30,6 +33,7 @@ from megatron_ext.model.cp_attention import TorchContextParallelAttention
 from megatron_ext.model.flex_attention import FlexContextParallelAttention
 from megatron_ext.model.init import initialize_layout_invariant
 from megatron_ext.model.rotary import PositionIdsGPTModel
+from megatron_ext.model.torch_norm import SequenceParallelTorchNorm
 
 
 def params_dtype(model: ModelConfig) -> torch.dtype:
@@ -101,6 +105,9 @@ def layer_spec(model: ModelConfig, layout: Layout, on_cpu: bool,
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization=model.normalization)
+        if layout.sequence_parallel:
+            spec.submodules.input_layernorm = SequenceParallelTorchNorm
+            spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     attention = spec.submodules.self_attention.submodules
     if plan.backend == "blockwise":
         attention.core_attention = ModuleSpec(module=TorchContextParallelAttention,
@@ -127,9 +134,15 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, o
     if model.padded_vocab_size is None:
         raise ValueError("ModelConfig.padded_vocab_size is not set: use with_vocab() with the "
                          "tokenizer's padded size or the checkpoint's record first")
+    spec = layer_spec(model, layout, on_cpu, plan)
+    if layout.sequence_parallel and spec.submodules.input_layernorm is SequenceParallelTorchNorm:
+        # The final norm comes from the block spec: the same sequence-parallel torch norm.
+        spec = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+            layer_specs=[spec] * get_num_layers_to_build(config),
+            layer_norm=SequenceParallelTorchNorm))
     module = PositionIdsGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, layout, on_cpu, plan),
+        transformer_layer_spec=spec,
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
