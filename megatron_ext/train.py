@@ -63,7 +63,9 @@ def build_model_and_optimizer(cfg: RunConfig, device, on_cpu: bool):
     config = transformer_config(cfg.model, cfg.layout, on_cpu)
     plan = plan_attention(cfg.model, cfg.layout, on_cpu, training=not training.skip_train,
                           document_masks=cfg.document_masking_source)
-    module = build_model(cfg.model, cfg.layout, config, on_cpu, plan).to(device)
+    # init_seed: from scratch, the same weights under every layout (model/init.py).
+    module = build_model(cfg.model, cfg.layout, config, on_cpu, plan,
+                         init_seed=training.seed).to(device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

@@ -46,6 +46,18 @@ def torchrun(nproc: int, args: Sequence[str], timeout: int = 600, check: bool = 
     return run(cmd, timeout=timeout, check=check, env=env)
 
 
+def probe(nproc: int, out, args: Sequence[str], timeout: int = 600) -> dict:
+    """Train under torchrun through ``megatron_ext.verify.probe`` (the trainer's setup and loop):
+    returns {"metrics": per-iteration records, "grads": iteration-1 gradients by global name}."""
+    import torch
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "-m", "megatron_ext.verify.probe", str(out), *args]
+    run(cmd, timeout=timeout)
+    return {"metrics": read_metrics(os.path.join(str(out), "metrics.jsonl")),
+            "grads": torch.load(os.path.join(str(out), "grads.pt"))}
+
+
 def data_args(data_path: str, tokenizer_model: str, cache: str) -> List[str]:
     return ["--data-path", *data_path.split(), "--tokenizer-type", "SentencePieceTokenizer",
             "--tokenizer-model", tokenizer_model, "--data-cache-path", cache]

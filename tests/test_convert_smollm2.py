@@ -91,26 +91,12 @@ def hf_loss_on_first_batch(hf_dir: str, data_prefix: str, cache: str) -> float:
     """transformers' token-averaged loss on the batch megatron_ext.train uses at iteration 1."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_ext.arguments import parse_data_path
-    from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator, build_gpt_datasets
-    from megatron_ext.data.tokenizer import build_tokenizer
+    from hf_reference import first_batches, token_averaged_loss
 
-    tokenizer = build_tokenizer("HuggingFaceTokenizer", hf_dir)
-    train, _, _ = build_gpt_datasets(parse_data_path([data_prefix]), "100,0,0", SEQ, SEED,
-                                     tokenizer, [5 * GLOBAL_BATCH, 0, 0], cache)
-    batches = MicroBatchIterator(train, BatchLayout(1, 1, 0, GLOBAL_BATCH), start_iteration=0)
+    batches = first_batches(hf_dir, data_prefix, cache, SEQ, SEED, GLOBAL_BATCH)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    total, count = 0.0, 0.0
     with torch.no_grad():
-        for _ in range(GLOBAL_BATCH):
-            batch = next(batches)
-            logits = model(batch["tokens"]).logits
-            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(),
-                                                       batch["labels"].flatten(), reduction="none")
-            mask = batch["loss_mask"].flatten().double()
-            total += (losses * mask).sum().item()
-            count += mask.sum().item()
-    return total / count
+        return token_averaged_loss(model, batches).item()
 
 
 def test_finetune_then_export_round_trip(smol):

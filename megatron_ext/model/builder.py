@@ -17,6 +17,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlock,
+                                                         TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 
 from megatron_ext.config import ModelConfig
 from megatron_ext.parallel.layout import Layout
@@ -28,7 +31,9 @@ from megatron_ext.model.attention_backends import (
 )
 from megatron_ext.model.cp_attention import TorchContextParallelAttention
 from megatron_ext.model.flex_attention import FlexContextParallelAttention
+from megatron_ext.model.init import initialize_layout_invariant
 from megatron_ext.model.rotary import PositionIdsGPTModel
+from megatron_ext.model.torch_norm import SequenceParallelTorchNorm
 
 
 def params_dtype(model: ModelConfig) -> torch.dtype:
@@ -100,6 +105,9 @@ def layer_spec(model: ModelConfig, layout: Layout, on_cpu: bool,
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization=model.normalization)
+        if layout.sequence_parallel:
+            spec.submodules.input_layernorm = SequenceParallelTorchNorm
+            spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     attention = spec.submodules.self_attention.submodules
     if plan.backend == "blockwise":
         attention.core_attention = ModuleSpec(module=TorchContextParallelAttention,
@@ -114,19 +122,27 @@ def layer_spec(model: ModelConfig, layout: Layout, on_cpu: bool,
 
 
 def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, on_cpu: bool,
-                plan: Optional[AttentionPlan] = None) -> GPTModel:
+                plan: Optional[AttentionPlan] = None, init_seed: Optional[int] = None) -> GPTModel:
     """This rank's stage of the model (first/last stages own embedding/output layer), with
     ``model.padded_vocab_size`` embedding rows.
 
     RoPE angles come from the batch's position ids (PoSE/LongRecipe/packed documents need that;
-    the stock GPTModel assumes 0..s-1).
+    the stock GPTModel assumes 0..s-1). With ``init_seed`` (training), the weights are drawn again
+    by ``init.initialize_layout_invariant``: the same for every TP/PP/CP/DP layout. Without it
+    (a checkpoint overwrites them anyway) Megatron-Core's construction-order draws stay.
     """
     if model.padded_vocab_size is None:
         raise ValueError("ModelConfig.padded_vocab_size is not set: use with_vocab() with the "
                          "tokenizer's padded size or the checkpoint's record first")
-    return PositionIdsGPTModel(
+    spec = layer_spec(model, layout, on_cpu, plan)
+    if layout.sequence_parallel and spec.submodules.input_layernorm is SequenceParallelTorchNorm:
+        # The final norm comes from the block spec: the same sequence-parallel torch norm.
+        spec = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+            layer_specs=[spec] * get_num_layers_to_build(config),
+            layer_norm=SequenceParallelTorchNorm))
+    module = PositionIdsGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, layout, on_cpu, plan),
+        transformer_layer_spec=spec,
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -139,3 +155,6 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, o
         rope_scaling_factor=model.rope_scaling_factor,
         seq_len_interpolation_factor=model.rotary_seq_len_interpolation_factor,
     )
+    if init_seed is not None:
+        initialize_layout_invariant(module, config, init_seed)
+    return module

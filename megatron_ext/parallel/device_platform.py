@@ -3,7 +3,8 @@
 Megatron-Core assumes CUDA in a handful of places:
 ``torch.cuda.current_device()`` used as a device, literal ``device='cuda'`` buffers in the
 optimizer and grad clipping, a type-string assertion in ``clip_grads`` and CUDA RNG state in the
-tensor-parallel RNG tracker. On CPU we redirect exactly those to the CPU and nothing else.
+tensor-parallel RNG tracker. On CPU we redirect exactly those to the CPU, and replace the fp32
+fallback of the gradient norm (apex/TE's fused kernel on GPUs) by an fp64 sum.
 
 This is the only module in the project allowed to patch Megatron-Core, and it only does so when
 the platform is CPU. ``cpu_redirections_active()`` tells whether the redirections are installed.
@@ -99,6 +100,13 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for ``amp_C.multi_tensor_l2norm``: the norm of all tensors, accumulated in fp64."""
+    squares = sum((t.double().square().sum() for t in tensor_lists[0]),
+                  torch.zeros((), dtype=torch.float64))
+    return squares.sqrt().reshape(1), None
+
+
 def _install_cpu_redirections() -> None:
     global _ACTIVE_MODE
     if _ACTIVE_MODE is not None:
@@ -115,6 +123,14 @@ def _install_cpu_redirections() -> None:
     torch.cuda.empty_cache = lambda: None
     tp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+    # Megatron's CPU fallback for the gradient norm is torch.norm per tensor in fp32, which is off
+    # by up to ~1e-4 on a 2M-element gradient (measured on the tiny model's output layer) and by
+    # a different amount for each way the tensors are split, so TP or the distributed optimizer
+    # reported (and clipped with) a norm 5e-5 away from one process's. Summed in fp64 instead.
+    import megatron.core.optimizer.clip_grads as clip_grads
+
+    clip_grads.l2_norm_impl = _l2_norm_fp64
 
     _ACTIVE_MODE = _CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
