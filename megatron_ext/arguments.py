@@ -126,6 +126,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="sgd with --sgd-momentum 0, --weight-decay 0 and --clip-grad 0 makes an "
+                        "update exactly -lr x gradient")
+    g.add_argument("--sgd-momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)

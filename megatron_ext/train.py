@@ -72,7 +72,8 @@ def build_model_and_optimizer(cfg: RunConfig, device, on_cpu: bool):
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam",
+            optimizer=training.optimizer,
+            sgd_momentum=training.sgd_momentum,
             lr=training.lr,
             min_lr=training.min_lr,
             weight_decay=training.weight_decay,
