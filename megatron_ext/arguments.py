@@ -16,7 +16,7 @@ from megatron_ext.config import (ArgsProvider, CheckpointConfig, DataConfig, Dis
                                  section_from_namespace)
 from megatron_ext.data import position_schemes
 from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megatron-LM's flag)
-from megatron_ext.errors import ArgumentError
+from megatron_ext.errors import ArgumentError, UserError
 from megatron_ext.parallel.layout import Layout, launched_world_size
 from megatron_ext.model import attention_backends
 from megatron_ext.objectives import preference
@@ -191,6 +191,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="load model weights only; reset iteration, optimizer and data position")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load: stop with an error when it holds no checkpoint (default: "
+                        "a warning, and the run starts from random weights)")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -213,6 +216,7 @@ def finalize(args: argparse.Namespace, world_size: int,
     Raises ArgumentError naming the offending flag. ``providers``: the features whose flags
     ``build_parser`` added; each turns the namespace into its own section of ``cfg.extras``.
     """
+    check_load(args)
     model, layout = model_and_layout(args, world_size)
     _resolve_objective(args)
     _validate_position_args(args)
@@ -255,6 +259,20 @@ def finalize(args: argparse.Namespace, world_size: int,
                                       training=not args.skip_train,
                                       document_masks=cfg.document_masking_source)
     return cfg
+
+
+def check_load(args: argparse.Namespace) -> None:
+    """The checkpoint --load names is whole, or absent with a warning (an error with --finetune
+    or --exit-on-missing-checkpoint); checked before anything is built."""
+    from megatron_ext.checkpoints import integrity
+
+    if args.load is None:
+        if args.exit_on_missing_checkpoint:
+            raise ArgumentError("--exit-on-missing-checkpoint needs --load DIR")
+        return
+    required = ("--finetune" if args.finetune else
+                "--exit-on-missing-checkpoint" if args.exit_on_missing_checkpoint else None)
+    integrity.find_checkpoint(args.load, required)
 
 
 def model_and_layout(args: argparse.Namespace, world_size: int) -> Tuple[ModelConfig, Layout]:
@@ -374,5 +392,5 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
         world_size = launched_world_size()
     try:
         return finalize(args, world_size, providers)
-    except ArgumentError as err:
+    except UserError as err:  # bad flags, data or checkpoint files
         parser.error(str(err))

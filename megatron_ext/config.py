@@ -159,6 +159,7 @@ class CheckpointConfig:
     finetune: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
+    exit_on_missing_checkpoint: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

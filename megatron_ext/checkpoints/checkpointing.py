@@ -62,7 +62,12 @@ def checkpoint_dir_to_load(root: str) -> Tuple[str, Optional[int]]:
     except ValueError:
         raise CheckpointError(f"{os.path.join(root, TRACKER_FILE)} holds {tag!r}, expected an "
                               "iteration number or 'release'") from None
-    return iteration_dir(root, iteration), iteration
+    ckpt_dir = iteration_dir(root, iteration)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(
+            f"{os.path.join(root, TRACKER_FILE)} names iteration {iteration}, but {ckpt_dir} does "
+            "not exist; write the iteration of a complete iter_* directory into the tracker file")
+    return ckpt_dir, iteration
 
 
 def architecture_of(model: ModelConfig) -> dict:
@@ -87,8 +92,15 @@ def read_model_args(checkpoint_dir: str) -> dict:
     path = os.path.join(checkpoint_dir, "model_args.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing: not a megatron_ext checkpoint")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); the checkpoint is damaged: load an "
+                              "earlier iter_* directory (edit the tracker file)") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} holds no JSON object; the checkpoint is damaged")
+    return record
 
 
 def _layout() -> dict:
@@ -242,9 +254,7 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_co
     can name the same directory), except with --finetune, where weights are the point.
     """
     if read_tracker(root) is None and not options.finetune:
-        if _is_rank0():
-            print(f" no checkpoint found under --load {root}; starting from scratch", flush=True)
-        return 0, 0
+        return 0, 0  # integrity.find_checkpoint warned at start-up (Megatron-LM's behaviour)
     ckpt_dir, _ = checkpoint_dir_to_load(root)
     check_architecture(ckpt_dir, model_config, options.finetune)
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
