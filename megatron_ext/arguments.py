@@ -14,6 +14,7 @@ from megatron_ext import objectives
 from megatron_ext.config import (ArgsProvider, CheckpointConfig, DataConfig, DistributedConfig,
                                  LoggingConfig, ModelConfig, RunConfig, TrainingConfig,
                                  section_from_namespace)
+from megatron_ext.checkpoints import checkpoint_args
 from megatron_ext.data import position_schemes
 from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megatron-LM's flag)
 from megatron_ext.errors import ArgumentError, UserError
@@ -191,6 +192,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="load model weights only; reset iteration, optimizer and data position")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="model flags from --load's model_args.json (architecture, lengths, RoPE "
+                        "scaling); explicit architecture flags that contradict it are refused")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="with --load: stop with an error when it holds no checkpoint (default: "
                         "a warning, and the run starts from random weights)")
@@ -391,6 +395,8 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
     if world_size is None:
         world_size = launched_world_size()
     try:
+        vars(args).update(checkpoint_args.overrides(
+            args, checkpoint_args.explicit_dests(parser, argv)))
         return finalize(args, world_size, providers)
     except UserError as err:  # bad flags, data or checkpoint files
         parser.error(str(err))

@@ -160,6 +160,7 @@ class CheckpointConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     exit_on_missing_checkpoint: bool = False
+    use_checkpoint_args: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import time
 from typing import Optional, Sequence, Tuple
 
 from megatron_ext import arguments
-from megatron_ext.checkpoints import checkpointing, integrity
+from megatron_ext.checkpoints import checkpoint_args, checkpointing, integrity
 from megatron_ext.config import ModelConfig
 from megatron_ext.model import attention_backends
 from megatron_ext.errors import UserError, report
@@ -182,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        vars(args).update(checkpoint_args.overrides(
+            args, checkpoint_args.explicit_dests(parser, argv)))
         model_config, layout, config = finalize(args, launched_world_size())
     except UserError as err:
         parser.error(str(err))
