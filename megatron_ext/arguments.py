@@ -15,7 +15,7 @@ from megatron_ext.config import (ArgsProvider, CheckpointConfig, DataConfig, Dis
                                  LoggingConfig, ModelConfig, RunConfig, TrainingConfig,
                                  section_from_namespace)
 from megatron_ext.checkpoints import checkpoint_args
-from megatron_ext.data import position_schemes
+from megatron_ext.data import dataset_checks, position_schemes
 from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megatron-LM's flag)
 from megatron_ext.errors import ArgumentError, UserError
 from megatron_ext.parallel.layout import Layout, launched_world_size
@@ -223,6 +223,7 @@ def finalize(args: argparse.Namespace, world_size: int,
     check_load(args)
     model, layout = model_and_layout(args, world_size)
     _resolve_objective(args)
+    _refuse_flags_that_cannot_apply(args)
     _validate_position_args(args)
 
     dp = layout.dp
@@ -385,6 +386,31 @@ def _validate_data_args(args: argparse.Namespace) -> None:
         raise ArgumentError("--tokenizer-type and --tokenizer-model are required")
     if not os.path.exists(args.tokenizer_model):
         raise ArgumentError(f"--tokenizer-model: {args.tokenizer_model} does not exist")
+    for prefix in args.data_blend[0]:
+        dataset_checks.check_prefix(prefix, args.tokenizer_type, args.tokenizer_model)
+
+
+# Flags only one objective or position scheme reads: given elsewhere they would silently do nothing.
+PREFERENCE_FLAGS = ("preference_loss", "beta", "gamma", "gamma_beta_ratio", "sft_weight",
+                    "num_rejected", "preference_packing")
+SCHEME_FLAGS = {"pose_num_chunks": "pose", "longrecipe_contiguous_prefix": "longrecipe"}
+
+
+def _refuse_flags_that_cannot_apply(args: argparse.Namespace) -> None:
+    defaults = argparse.ArgumentParser()
+    add_data_args(defaults)
+    given = [dest for dest in PREFERENCE_FLAGS if getattr(args, dest) != defaults.get_default(dest)]
+    if given and args.objective != "preference":
+        flags = " ".join("--" + dest.replace("_", "-") for dest in given)
+        raise ArgumentError(f"{flags}: preference-loss flags, but --data-path holds "
+                            f"{args.objective} data (not tools/preprocess_preference.py output); "
+                            f"drop {flags} or train on preference data")
+    for dest, scheme in SCHEME_FLAGS.items():
+        if getattr(args, dest) != defaults.get_default(dest) and args.position_scheme != scheme:
+            flag = "--" + dest.replace("_", "-")
+            raise ArgumentError(f"{flag} is read by --position-scheme {scheme} only (this run: "
+                                f"{args.position_scheme}); drop {flag} or use --position-scheme "
+                                f"{scheme}")
 
 
 def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None,
