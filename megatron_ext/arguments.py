@@ -195,6 +195,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="model flags from --load's model_args.json (architecture, lengths, RoPE "
                         "scaling); explicit architecture flags that contradict it are refused")
+    g.add_argument("--keep-last-n-checkpoints", type=int, default=None,
+                   help="after each successful save, delete older iter_* directories beyond the "
+                        "newest N (never the one the tracker file names)")
+    g.add_argument("--async-save", action="store_true",
+                   help="Megatron-LM's; refused: saves here are synchronous and atomic")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="with --load: stop with an error when it holds no checkpoint (default: "
                         "a warning, and the run starts from random weights)")
@@ -243,6 +248,14 @@ def finalize(args: argparse.Namespace, world_size: int,
     _validate_data_args(args)
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
+    if args.keep_last_n_checkpoints is not None and (args.keep_last_n_checkpoints < 1
+                                                     or args.save is None):
+        raise ArgumentError(f"--keep-last-n-checkpoints {args.keep_last_n_checkpoints}: give N >= 1 "
+                            "together with --save DIR")
+    if args.async_save:
+        raise ArgumentError("--async-save is not supported: Megatron-Core's asynchronous writer "
+                            "finishes outside the staging/rename/tracker sequence that keeps a "
+                            "killed save from damaging the last checkpoint; drop --async-save")
     if args.eval_interval and args.eval_iters <= 0:
         raise ArgumentError("--eval-interval needs --eval-iters > 0")
     if args.skip_train and args.eval_iters <= 0:

@@ -161,6 +161,8 @@ class CheckpointConfig:
     no_load_rng: bool = False
     exit_on_missing_checkpoint: bool = False
     use_checkpoint_args: bool = False
+    keep_last_n_checkpoints: Optional[int] = None
+    async_save: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

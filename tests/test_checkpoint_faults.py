@@ -50,7 +50,8 @@ def setting(tmp_path_factory, books_data):
 @pytest.fixture(scope="module")
 def uninterrupted(setting):
     root, common = setting
-    _train([*common, "--save", str(root / "whole"), "--metrics-jsonl", str(root / "whole.jsonl")])
+    _train([*common, "--save", str(root / "whole"), "--metrics-jsonl", str(root / "whole.jsonl"),
+            "--keep-last-n-checkpoints", "1"])
     return {r["iteration"]: r for r in read_metrics(str(root / "whole.jsonl"))}
 
 
@@ -123,3 +124,29 @@ def test_load_without_a_checkpoint_warns_or_stops(setting, tmp_path, capsys):
     for flag in ("--exit-on-missing-checkpoint", "--finetune"):
         code, err = _parse([*common, *empty, flag], capsys)
         assert code == 2 and f"no {TRACKER}" in err and flag in err, err
+
+
+def test_keep_last_n_checkpoints(setting, uninterrupted, tmp_path):
+    from megatron_ext.checkpoints import checkpointing
+
+    root, _ = setting
+    # The uninterrupted run saved iterations 2 and 4 with --keep-last-n-checkpoints 1.
+    assert sorted(os.listdir(root / "whole")) == ["iter_0000004", TRACKER]
+    # Never the directory the tracker names, even when it is not among the newest.
+    for i in (1, 2, 3, 5, 6):
+        (tmp_path / f"iter_{i:07d}").mkdir()
+    (tmp_path / "iter_0000003" / "x").write_text("x")
+    (tmp_path / TRACKER).write_text("2")
+    removed = checkpointing.remove_old_checkpoints(str(tmp_path), 2)
+    assert removed == ["iter_0000001", "iter_0000003"]
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000005", "iter_0000006", TRACKER]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--async-save"], "--async-save is not supported"),
+    (["--keep-last-n-checkpoints", "0"], "--keep-last-n-checkpoints 0: give N >= 1"),
+])
+def test_refused_save_flags(setting, tmp_path, capsys, extra, expected):
+    _, common = setting
+    code, err = _parse([*common, "--save", str(tmp_path), *extra], capsys)
+    assert code == 2 and expected in err, err

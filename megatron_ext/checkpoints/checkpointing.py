@@ -155,8 +155,10 @@ def _is_rank0() -> bool:
 
 
 def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, scheduler,
-         consumed_samples: int, model_config: ModelConfig, tag: Optional[str] = None) -> str:
-    """Write a checkpoint for ``iteration`` atomically; returns its directory."""
+         consumed_samples: int, model_config: ModelConfig, tag: Optional[str] = None,
+         keep_last: Optional[int] = None) -> str:
+    """Write a checkpoint for ``iteration`` atomically; returns its directory. ``keep_last``:
+    then remove all but the newest ``keep_last`` iter_* directories (never the tracker's)."""
     final_dir = os.path.join(root, tag) if tag else iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     if _is_rank0():
@@ -184,8 +186,34 @@ def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, sch
             json.dump(model_record(model_config), f, indent=2)
         publish.publish(tmp_dir, final_dir)
         publish.write_tracker(root, tag or str(iteration))
+        if keep_last:
+            remove_old_checkpoints(root, keep_last)
     _barrier()
     return final_dir
+
+
+def remove_old_checkpoints(root: str, keep_last: int) -> List[str]:
+    """--keep-last-n-checkpoints: delete the iter_* directories older than the newest
+    ``keep_last``, never the one the tracker names; returns the removed names. Each goes through a
+    ``.deleting`` rename first, so a kill mid-delete leaves no half directory under a real name."""
+    import re
+    import shutil
+
+    for name in os.listdir(root):
+        if name.endswith(".deleting"):  # left by a kill during an earlier removal
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    iterations = sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d{7})", name)
+                                                  for name in os.listdir(root)) if m)
+    tracked = read_tracker(root)
+    removed = []
+    for iteration in iterations[:-keep_last] if keep_last > 0 else []:
+        if tracked == str(iteration):
+            continue
+        path = iteration_dir(root, iteration)
+        os.replace(path, path + ".deleting")
+        shutil.rmtree(path + ".deleting", ignore_errors=True)
+        removed.append(os.path.basename(path))
+    return removed
 
 
 def saved_padded_vocab_size(root: str) -> Optional[int]:
