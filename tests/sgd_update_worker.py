@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from megatron_ext import arguments, parallel, train
+from launch import training_setup
+from megatron_ext import parallel, train
 from megatron_ext.data.gpt_data import MicroBatchIterator
 
 
@@ -26,11 +27,7 @@ def batch_loss(s) -> float:
 
 def main() -> None:
     *flags, output = sys.argv[1:]
-    cfg = arguments.parse(flags)
-    _, plat = parallel.initialize(cfg.layout.tp, cfg.layout.pp, cfg.layout.cp,
-                                  device=cfg.distributed.device)
-    try:
-        s = train.setup(cfg, plat)
+    with training_setup(flags) as s:
         params = dict(s.model[0].named_parameters())
         before = {name: p.detach().clone().double() for name, p in params.items()}
         lr = s.optimizer.param_groups[0]["lr"]
@@ -58,8 +55,6 @@ def main() -> None:
                            "max_abs_step": scale, "params": len(params),
                            "directional_derivative": directional,
                            "expected_directional_derivative": -sq_norm / lr}, f)
-    finally:
-        parallel.destroy()
 
 
 if __name__ == "__main__":
