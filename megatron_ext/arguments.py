@@ -14,9 +14,10 @@ from megatron_ext import objectives
 from megatron_ext.config import (ArgsProvider, CheckpointConfig, DataConfig, DistributedConfig,
                                  LoggingConfig, ModelConfig, RunConfig, TrainingConfig,
                                  section_from_namespace)
-from megatron_ext.data import position_schemes
+from megatron_ext.checkpoints import checkpoint_args
+from megatron_ext.data import dataset_checks, position_schemes
 from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megatron-LM's flag)
-from megatron_ext.errors import ArgumentError
+from megatron_ext.errors import ArgumentError, UserError
 from megatron_ext.parallel.layout import Layout, launched_world_size
 from megatron_ext.model import attention_backends
 from megatron_ext.objectives import preference
@@ -126,6 +127,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="sgd with --sgd-momentum 0, --weight-decay 0 and --clip-grad 0 makes an "
+                        "update exactly -lr x gradient")
+    g.add_argument("--sgd-momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -187,6 +192,17 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="load model weights only; reset iteration, optimizer and data position")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="model flags from --load's model_args.json (architecture, lengths, RoPE "
+                        "scaling); explicit architecture flags that contradict it are refused")
+    g.add_argument("--keep-last-n-checkpoints", type=int, default=None,
+                   help="after each successful save, delete older iter_* directories beyond the "
+                        "newest N (never the one the tracker file names)")
+    g.add_argument("--async-save", action="store_true",
+                   help="Megatron-LM's; refused: saves here are synchronous and atomic")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load: stop with an error when it holds no checkpoint (default: "
+                        "a warning, and the run starts from random weights)")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -209,8 +225,10 @@ def finalize(args: argparse.Namespace, world_size: int,
     Raises ArgumentError naming the offending flag. ``providers``: the features whose flags
     ``build_parser`` added; each turns the namespace into its own section of ``cfg.extras``.
     """
+    check_load(args)
     model, layout = model_and_layout(args, world_size)
     _resolve_objective(args)
+    _refuse_flags_that_cannot_apply(args)
     _validate_position_args(args)
 
     dp = layout.dp
@@ -230,6 +248,14 @@ def finalize(args: argparse.Namespace, world_size: int,
     _validate_data_args(args)
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
+    if args.keep_last_n_checkpoints is not None and (args.keep_last_n_checkpoints < 1
+                                                     or args.save is None):
+        raise ArgumentError(f"--keep-last-n-checkpoints {args.keep_last_n_checkpoints}: give N >= 1 "
+                            "together with --save DIR")
+    if args.async_save:
+        raise ArgumentError("--async-save is not supported: Megatron-Core's asynchronous writer "
+                            "finishes outside the staging/rename/tracker sequence that keeps a "
+                            "killed save from damaging the last checkpoint; drop --async-save")
     if args.eval_interval and args.eval_iters <= 0:
         raise ArgumentError("--eval-interval needs --eval-iters > 0")
     if args.skip_train and args.eval_iters <= 0:
@@ -251,6 +277,20 @@ def finalize(args: argparse.Namespace, world_size: int,
                                       training=not args.skip_train,
                                       document_masks=cfg.document_masking_source)
     return cfg
+
+
+def check_load(args: argparse.Namespace) -> None:
+    """The checkpoint --load names is whole, or absent with a warning (an error with --finetune
+    or --exit-on-missing-checkpoint); checked before anything is built."""
+    from megatron_ext.checkpoints import integrity
+
+    if args.load is None:
+        if args.exit_on_missing_checkpoint:
+            raise ArgumentError("--exit-on-missing-checkpoint needs --load DIR")
+        return
+    required = ("--finetune" if args.finetune else
+                "--exit-on-missing-checkpoint" if args.exit_on_missing_checkpoint else None)
+    integrity.find_checkpoint(args.load, required)
 
 
 def model_and_layout(args: argparse.Namespace, world_size: int) -> Tuple[ModelConfig, Layout]:
@@ -359,6 +399,31 @@ def _validate_data_args(args: argparse.Namespace) -> None:
         raise ArgumentError("--tokenizer-type and --tokenizer-model are required")
     if not os.path.exists(args.tokenizer_model):
         raise ArgumentError(f"--tokenizer-model: {args.tokenizer_model} does not exist")
+    for prefix in args.data_blend[0]:
+        dataset_checks.check_prefix(prefix, args.tokenizer_type, args.tokenizer_model)
+
+
+# Flags only one objective or position scheme reads: given elsewhere they would silently do nothing.
+PREFERENCE_FLAGS = ("preference_loss", "beta", "gamma", "gamma_beta_ratio", "sft_weight",
+                    "num_rejected", "preference_packing")
+SCHEME_FLAGS = {"pose_num_chunks": "pose", "longrecipe_contiguous_prefix": "longrecipe"}
+
+
+def _refuse_flags_that_cannot_apply(args: argparse.Namespace) -> None:
+    defaults = argparse.ArgumentParser()
+    add_data_args(defaults)
+    given = [dest for dest in PREFERENCE_FLAGS if getattr(args, dest) != defaults.get_default(dest)]
+    if given and args.objective != "preference":
+        flags = " ".join("--" + dest.replace("_", "-") for dest in given)
+        raise ArgumentError(f"{flags}: preference-loss flags, but --data-path holds "
+                            f"{args.objective} data (not tools/preprocess_preference.py output); "
+                            f"drop {flags} or train on preference data")
+    for dest, scheme in SCHEME_FLAGS.items():
+        if getattr(args, dest) != defaults.get_default(dest) and args.position_scheme != scheme:
+            flag = "--" + dest.replace("_", "-")
+            raise ArgumentError(f"{flag} is read by --position-scheme {scheme} only (this run: "
+                                f"{args.position_scheme}); drop {flag} or use --position-scheme "
+                                f"{scheme}")
 
 
 def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None,
@@ -369,6 +434,8 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
     if world_size is None:
         world_size = launched_world_size()
     try:
+        vars(args).update(checkpoint_args.overrides(
+            args, checkpoint_args.explicit_dests(parser, argv)))
         return finalize(args, world_size, providers)
-    except ArgumentError as err:
+    except UserError as err:  # bad flags, data or checkpoint files
         parser.error(str(err))

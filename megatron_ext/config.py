@@ -137,6 +137,8 @@ class TrainingConfig:
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"
     lr_warmup_iters: int = 0
+    optimizer: str = "adam"
+    sgd_momentum: float = 0.9
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -157,6 +159,10 @@ class CheckpointConfig:
     finetune: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
+    exit_on_missing_checkpoint: bool = False
+    use_checkpoint_args: bool = False
+    keep_last_n_checkpoints: Optional[int] = None
+    async_save: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

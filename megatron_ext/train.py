@@ -74,7 +74,8 @@ def build_model_and_optimizer(cfg: RunConfig, device, on_cpu: bool):
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam",
+            optimizer=training.optimizer,
+            sgd_momentum=training.sgd_momentum,
             lr=training.lr,
             min_lr=training.min_lr,
             weight_decay=training.weight_decay,
@@ -272,7 +273,8 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
 def save(s: TrainingSetup, writer: MetricsWriter) -> None:
     start = time.perf_counter()
     path = checkpointing.save(s.cfg.checkpoint.save, s.iteration, s.model, s.optimizer, s.scheduler,
-                              s.iteration * s.cfg.training.global_batch_size, s.cfg.model)
+                              s.iteration * s.cfg.training.global_batch_size, s.cfg.model,
+                              keep_last=s.cfg.checkpoint.keep_last_n_checkpoints)
     writer.log(f" saved checkpoint at iteration {s.iteration} to {path} "
                f"({time.perf_counter() - start:.1f}s)")
 

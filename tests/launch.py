@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -93,3 +94,18 @@ def read_metrics_file(path: str) -> List[dict]:
 
 def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
+
+
+@contextlib.contextmanager
+def training_setup(flags: Sequence[str]):
+    """In a worker process: the run ``flags`` describe, built as ``megatron_ext.train`` builds it
+    (configuration, process groups, data, model, optimizer); groups destroyed afterwards."""
+    from megatron_ext import arguments, parallel, train
+
+    cfg = arguments.parse(flags)
+    _, plat = parallel.initialize(cfg.layout.tp, cfg.layout.pp, cfg.layout.cp,
+                                  device=cfg.distributed.device)
+    try:
+        yield train.setup(cfg, plat)
+    finally:
+        parallel.destroy()

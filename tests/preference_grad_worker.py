@@ -12,7 +12,8 @@ import dataclasses
 import json
 import sys
 
-from megatron_ext import arguments, parallel, train
+from launch import training_setup
+from megatron_ext import parallel, train
 from megatron_ext.data.gpt_data import MicroBatchIterator
 
 
@@ -28,11 +29,7 @@ def gradients(s, layout: str):
 
 def main() -> None:
     *flags, output = sys.argv[1:]
-    cfg = arguments.parse(flags)
-    info, plat = parallel.initialize(cfg.layout.tp, cfg.layout.pp, cfg.layout.cp,
-                                     device=cfg.distributed.device)
-    try:
-        s = train.setup(cfg, plat)
+    with training_setup(flags) as s:
         separate, grads_separate = gradients(s, "separate")
         shared, grads_shared = gradients(s, "shared-prefix")
         worst, worst_name = 0.0, None
@@ -46,8 +43,6 @@ def main() -> None:
                 json.dump({"separate": separate, "shared-prefix": shared,
                            "max_rel_grad_diff": worst, "worst_param": worst_name,
                            "params": len(grads_separate), "params_with_grad": nonzero}, f)
-    finally:
-        parallel.destroy()
 
 
 if __name__ == "__main__":

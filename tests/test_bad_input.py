@@ -68,3 +68,65 @@ def test_split_leaving_validation_without_documents(books_data, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2  # a UserError: one line, argparse's usage status
     assert "--split 98,2,0 gives the valid split" in proc.stderr and "no documents" in proc.stderr
+
+
+def _dataset_with_meta(tmp_path, books_data, **meta):
+    """A copy of the books dataset's prefix (links to its files) whose _meta.json says ``meta``."""
+    import json
+
+    prefix = tmp_path / "copy_text_document"
+    for ext in (".bin", ".idx"):
+        os.symlink(books_data[0] + ext, str(prefix) + ext)
+    with open(books_data[0] + "_meta.json") as f:
+        record = json.load(f)
+    (tmp_path / "copy_text_document_meta.json").write_text(json.dumps({**record, **meta}))
+    return str(prefix)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--beta", "5"], "--beta: preference-loss flags, but --data-path holds pretrain data"),
+    (["--preference-loss", "simpo", "--num-rejected", "1"], "--preference-loss --num-rejected: preference-loss flags"),
+    (["--pose-num-chunks", "3"], "--pose-num-chunks is read by --position-scheme pose only (this run: contiguous)"),
+    (["--position-scheme", "pose", "--longrecipe-contiguous-prefix"], "--longrecipe-contiguous-prefix is read by --position-scheme longrecipe only"),
+])
+def test_flags_that_cannot_apply_are_refused(books_data, tmp_path, extra, expected):
+    stderr = _train(TINY_MODEL + data_args(*books_data, cache=str(tmp_path / "c")) + extra,
+                    tmp_path)
+    assert expected in stderr, stderr
+
+
+def test_data_path_naming_the_token_flags_sidecar(books_data, tmp_path):
+    sidecar = books_data[0] + "_tokenflags"
+    assert os.path.exists(sidecar + ".idx")
+    stderr = _train(TINY_MODEL + data_args(sidecar, books_data[1], cache=str(tmp_path / "c")),
+                    tmp_path)
+    assert f"--data-path {sidecar} names the token-flags sidecar" in stderr, stderr
+    assert f"--data-path {books_data[0]}" in stderr
+
+
+@pytest.mark.parametrize("meta, expected", [
+    ({"tokenizer_type": "HuggingFaceTokenizer"}, "--tokenizer-type SentencePieceTokenizer disagrees with"),
+    ({"tokenizer_model": "OTHER"}, "is not the tokenizer"),
+])
+def test_dataset_preprocessed_with_another_tokenizer(books_data, tmp_path, meta, expected):
+    other = tmp_path / "other.model"
+    other.write_bytes(b"not the same tokenizer")
+    if meta.get("tokenizer_model") == "OTHER":
+        meta = {"tokenizer_model": str(other)}
+    data = tmp_path / "data"
+    data.mkdir()
+    prefix = _dataset_with_meta(data, books_data, **meta)
+    stderr = _train(TINY_MODEL + data_args(prefix, books_data[1], cache=str(tmp_path / "c")),
+                    tmp_path)
+    assert expected in stderr and "copy_text_document_meta.json" in stderr, stderr
+
+
+def test_a_copy_of_the_recorded_tokenizer_is_accepted(books_data, tmp_path):
+    import shutil
+
+    from megatron_ext.data import dataset_checks
+
+    copy = tmp_path / "copy.model"
+    shutil.copy(books_data[1], copy)
+    prefix = _dataset_with_meta(tmp_path, books_data)
+    dataset_checks.check_prefix(prefix, "SentencePieceTokenizer", str(copy))  # no error

@@ -62,7 +62,12 @@ def checkpoint_dir_to_load(root: str) -> Tuple[str, Optional[int]]:
     except ValueError:
         raise CheckpointError(f"{os.path.join(root, TRACKER_FILE)} holds {tag!r}, expected an "
                               "iteration number or 'release'") from None
-    return iteration_dir(root, iteration), iteration
+    ckpt_dir = iteration_dir(root, iteration)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(
+            f"{os.path.join(root, TRACKER_FILE)} names iteration {iteration}, but {ckpt_dir} does "
+            "not exist; write the iteration of a complete iter_* directory into the tracker file")
+    return ckpt_dir, iteration
 
 
 def architecture_of(model: ModelConfig) -> dict:
@@ -87,8 +92,15 @@ def read_model_args(checkpoint_dir: str) -> dict:
     path = os.path.join(checkpoint_dir, "model_args.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing: not a megatron_ext checkpoint")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); the checkpoint is damaged: load an "
+                              "earlier iter_* directory (edit the tracker file)") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} holds no JSON object; the checkpoint is damaged")
+    return record
 
 
 def _layout() -> dict:
@@ -143,8 +155,10 @@ def _is_rank0() -> bool:
 
 
 def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, scheduler,
-         consumed_samples: int, model_config: ModelConfig, tag: Optional[str] = None) -> str:
-    """Write a checkpoint for ``iteration`` atomically; returns its directory."""
+         consumed_samples: int, model_config: ModelConfig, tag: Optional[str] = None,
+         keep_last: Optional[int] = None) -> str:
+    """Write a checkpoint for ``iteration`` atomically; returns its directory. ``keep_last``:
+    then remove all but the newest ``keep_last`` iter_* directories (never the tracker's)."""
     final_dir = os.path.join(root, tag) if tag else iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     if _is_rank0():
@@ -172,8 +186,34 @@ def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, sch
             json.dump(model_record(model_config), f, indent=2)
         publish.publish(tmp_dir, final_dir)
         publish.write_tracker(root, tag or str(iteration))
+        if keep_last:
+            remove_old_checkpoints(root, keep_last)
     _barrier()
     return final_dir
+
+
+def remove_old_checkpoints(root: str, keep_last: int) -> List[str]:
+    """--keep-last-n-checkpoints: delete the iter_* directories older than the newest
+    ``keep_last``, never the one the tracker names; returns the removed names. Each goes through a
+    ``.deleting`` rename first, so a kill mid-delete leaves no half directory under a real name."""
+    import re
+    import shutil
+
+    for name in os.listdir(root):
+        if name.endswith(".deleting"):  # left by a kill during an earlier removal
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    iterations = sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d{7})", name)
+                                                  for name in os.listdir(root)) if m)
+    tracked = read_tracker(root)
+    removed = []
+    for iteration in iterations[:-keep_last] if keep_last > 0 else []:
+        if tracked == str(iteration):
+            continue
+        path = iteration_dir(root, iteration)
+        os.replace(path, path + ".deleting")
+        shutil.rmtree(path + ".deleting", ignore_errors=True)
+        removed.append(os.path.basename(path))
+    return removed
 
 
 def saved_padded_vocab_size(root: str) -> Optional[int]:
@@ -242,9 +282,7 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_co
     can name the same directory), except with --finetune, where weights are the point.
     """
     if read_tracker(root) is None and not options.finetune:
-        if _is_rank0():
-            print(f" no checkpoint found under --load {root}; starting from scratch", flush=True)
-        return 0, 0
+        return 0, 0  # integrity.find_checkpoint warned at start-up (Megatron-LM's behaviour)
     ckpt_dir, _ = checkpoint_dir_to_load(root)
     check_architecture(ckpt_dir, model_config, options.finetune)
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)

@@ -19,7 +19,7 @@ import time
 from typing import Optional, Sequence, Tuple
 
 from megatron_ext import arguments
-from megatron_ext.checkpoints import checkpointing
+from megatron_ext.checkpoints import checkpoint_args, checkpointing, integrity
 from megatron_ext.config import ModelConfig
 from megatron_ext.model import attention_backends
 from megatron_ext.errors import UserError, report
@@ -98,10 +98,7 @@ def finalize(args: argparse.Namespace, world_size: int
     if not args.load:
         raise arguments.ArgumentError("--load CKPT is required: a checkpoint directory written "
                                       "by megatron_ext.train or tools/convert_checkpoint.py")
-    if checkpointing.read_tracker(args.load) is None:
-        raise arguments.ArgumentError(
-            f"--load {args.load}: no {checkpointing.TRACKER_FILE}; is this a checkpoint directory "
-            f"written by megatron_ext.train or tools/convert_checkpoint.py?")
+    integrity.find_checkpoint(args.load, required="evaluation")
     if not os.path.exists(args.tokenizer_model):
         raise arguments.ArgumentError(f"--tokenizer-model {args.tokenizer_model} does not exist")
     if not (os.path.isfile(args.eval_data) or os.path.isfile(args.eval_data + ".bin")):
@@ -185,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        vars(args).update(checkpoint_args.overrides(
+            args, checkpoint_args.explicit_dests(parser, argv)))
         model_config, layout, config = finalize(args, launched_world_size())
     except UserError as err:
         parser.error(str(err))
