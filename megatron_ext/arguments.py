@@ -164,8 +164,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "data: context chunks at random offsets in their own slots of the target "
                         "window, question and answers after them)")
     g.add_argument("--target-seq-length", type=int, default=None,
-                   help="the context length pose/longrecipe positions cover (default: "
-                        "--max-position-embeddings)")
+                   help="the context length T pose/longrecipe positions cover (default: "
+                        "--max-position-embeddings); must exceed --seq-length for them")
+    g.add_argument("--positions-across-documents", action="store_true",
+                   help="pose/longrecipe without --packed-documents: spread one set of ids over "
+                        "the whole --seq-length window even where it holds several unrelated "
+                        "documents (position 0 may fall mid-document). Default: refused; use "
+                        "--packed-documents, which gives every document its own ids over [0, T)")
     g.add_argument("--pose-num-chunks", type=int, default=2)
     g.add_argument("--longrecipe-contiguous-prefix", action="store_true",
                    help="keep a random contiguous prefix of up to half the sample at positions "
@@ -335,11 +340,24 @@ def _validate_position_args(args: argparse.Namespace) -> None:
         raise ArgumentError(
             f"--target-seq-length ({args.target_seq_length}) exceeds --max-position-embeddings "
             f"({args.max_position_embeddings}); raise --max-position-embeddings to the target")
-    if args.position_scheme != "contiguous" and args.packed_documents:
+    skip_wise = args.position_scheme in position_schemes.SKIP_WISE
+    if skip_wise and args.target_seq_length <= args.seq_length:
         raise ArgumentError(
-            f"--position-scheme {args.position_scheme} spreads one sample over the target window, "
-            "while --packed-documents (and --objective sft) restart positions per document; "
-            "use one of them")
+            f"--position-scheme {args.position_scheme} spreads a sample's ids over "
+            f"--target-seq-length T = {args.target_seq_length}, which is not longer than "
+            f"--seq-length {args.seq_length}: the ids would be plain 0..n-1. Set "
+            f"--target-seq-length (and --max-position-embeddings) to the context you extend to")
+    if skip_wise and not args.packed_documents and not args.positions_across_documents:
+        raise ArgumentError(
+            f"--position-scheme {args.position_scheme} draws one document's ids over [0, T); "
+            "--seq-length windows of a token stream hold pieces of several documents. Add "
+            "--packed-documents (every document, or window piece of one, gets its own ids and "
+            "attends only to itself), or --positions-across-documents to spread one set of ids "
+            "over the whole window anyway")
+    if args.positions_across_documents and (not skip_wise or args.packed_documents):
+        raise ArgumentError("--positions-across-documents applies to --position-scheme "
+                            "pose/longrecipe without --packed-documents (or --objective sft); "
+                            "drop it")
     if args.position_scheme == "pose" and not 1 <= args.pose_num_chunks <= args.seq_length:
         raise ArgumentError(f"--pose-num-chunks must be between 1 and --seq-length, got "
                             f"{args.pose_num_chunks}")

@@ -123,6 +123,7 @@ class DataConfig:
     target_seq_length: Optional[int] = None
     pose_num_chunks: int = 2
     longrecipe_contiguous_prefix: bool = False
+    positions_across_documents: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
