@@ -156,6 +156,16 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="documents packed into a sequence attend only within themselves, position "
                         "ids restart per document and targets across a document end are masked "
                         "(Megatron's --reset-attention-mask also turns this on)")
+    g.add_argument("--document-packing", choices=["stream", "whole"], default=None,
+                   help="with packed documents: 'stream' cuts --seq-length windows from the "
+                        "concatenated documents (Megatron's GPTDataset; a document may continue in "
+                        "the next window), 'whole' places whole documents into windows (first "
+                        "fit, padded; the build prints the packing efficiency). Default: whole "
+                        "for --objective sft, else stream")
+    g.add_argument("--overlong-documents", choices=["truncate", "error"], default="truncate",
+                   help="--document-packing whole: a document longer than --seq-length keeps "
+                        "its first --seq-length tokens (counted in the packing summary), or is "
+                        "an error")
     g.add_argument("--position-scheme", choices=list(position_schemes.SCHEMES),
                    default="contiguous",
                    help="position ids of a sample: contiguous; pose (chunks shifted by random skip "

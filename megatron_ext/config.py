@@ -124,6 +124,8 @@ class DataConfig:
     pose_num_chunks: int = 2
     longrecipe_contiguous_prefix: bool = False
     positions_across_documents: bool = False
+    document_packing: Optional[str] = None  # stream | whole (resolved by the objective)
+    overlong_documents: str = "truncate"
 
 
 @dataclasses.dataclass(frozen=True)

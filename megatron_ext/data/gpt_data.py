@@ -17,6 +17,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 
 from megatron_ext import parallel
 from megatron_ext.data.samples import AnnotatedGPTDataset, SampleConfig
+from megatron_ext.data.whole_documents import WholeDocumentDataset
 from megatron_ext.errors import UserError
 
 
@@ -112,8 +113,26 @@ def build_gpt_datasets(
     # Megatron's blend builder asks for the rank even in one process (inspect_batches, tests).
     parallel.ensure_torch_distributed()
     # Every rank builds (cheap, cached on disk by rank 0 first) so each can read any sample.
-    return BlendedMegatronDatasetBuilder(AnnotatedGPTDataset, num_samples, lambda: True,
-                                         config).build()
+    dataset_class = (WholeDocumentDataset if config.document_packing == "whole"
+                     else AnnotatedGPTDataset)
+    datasets = BlendedMegatronDatasetBuilder(dataset_class, num_samples, lambda: True,
+                                             config).build()
+    if dataset_class is WholeDocumentDataset and parallel.is_rank0():
+        for summary in packing_summaries(datasets):
+            print(f" whole-document packing of {summary['dataset']} ({summary['split']}): "
+                  f"{summary['documents']} documents in {summary['windows']} windows, "
+                  f"{summary['truncated_documents']} cut to --seq-length, packing efficiency "
+                  f"{summary['packing_efficiency']:.1%}", flush=True)
+    return datasets
+
+
+def packing_summaries(datasets) -> List[dict]:
+    """The whole-document packing summaries of these datasets (blends searched too)."""
+    found = []
+    for dataset in datasets:
+        parts = getattr(dataset, "datasets", [dataset]) if dataset is not None else []
+        found += [part.packing_summary for part in parts if hasattr(part, "packing_summary")]
+    return found
 
 
 def build_preference_datasets(prefix: str, tokenizer, num_samples: List[int], *, split: str,

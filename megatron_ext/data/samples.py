@@ -42,6 +42,10 @@ class SampleConfig(GPTDatasetConfig):
     longrecipe_contiguous_prefix: bool = False
     packed_documents: bool = False
     sft: bool = False
+    # "stream": Megatron's windows cut from the concatenated documents; "whole": every window
+    # holds whole documents (whole_documents.py); a longer document is cut or refused.
+    document_packing: str = "stream"
+    overlong_documents: str = "truncate"
 
 
 class AnnotatedGPTDataset(GPTDataset):

@@ -94,6 +94,9 @@ class PreferenceAlignment:
         if args.position_scheme not in ("contiguous", "logo"):
             raise ArgumentError(f"--position-scheme {args.position_scheme} is for text data; "
                                 "preference data takes contiguous or logo")
+        if args.document_packing is not None:
+            raise ArgumentError("--document-packing is for text and chat data; preference rows "
+                                "are packed by --preference-packing")
         if args.packed_documents or args.reset_attention_mask:
             raise ArgumentError("--packed-documents / --reset-attention-mask do not apply to "
                                 "preference data: its branches are always masked from each other")
