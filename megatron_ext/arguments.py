@@ -22,6 +22,10 @@ from megatron_ext.model import attention_backends
 from megatron_ext.objectives import preference
 
 
+# Megatron-LM's defaults, for every objective that does not bring its own.
+PRETRAINING_OPTIMIZER_DEFAULTS = {"adam_beta2": 0.95, "weight_decay": 0.01}
+
+
 def build_parser(prog: str = "megatron_ext.train",
                  providers: Sequence[ArgsProvider] = ()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
@@ -126,9 +130,11 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="default: 0.01 (Megatron-LM's); preference runs: 0.05 (LOGO's recipe)")
     g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-beta2", type=float, default=None,
+                   help="default: 0.95 (Megatron-LM's); preference runs: 0.999 (LOGO's recipe)")
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
@@ -225,7 +231,10 @@ def finalize(args: argparse.Namespace, world_size: int,
     ``build_parser`` added; each turns the namespace into its own section of ``cfg.extras``.
     """
     model, layout = model_and_layout(args, world_size)
-    _resolve_objective(args)
+    _resolve_objective(args)  # an objective may set its own optimiser defaults first
+    for field, value in PRETRAINING_OPTIMIZER_DEFAULTS.items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
     _validate_position_args(args)
 
     dp = layout.dp

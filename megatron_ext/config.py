@@ -140,9 +140,9 @@ class TrainingConfig:
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"
     lr_warmup_iters: int = 0
-    weight_decay: float = 0.01
+    weight_decay: Optional[float] = None  # filled per objective by arguments.finalize
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta2: Optional[float] = None  # filled per objective by arguments.finalize
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234

@@ -186,7 +186,58 @@ def test_branch_mask_equals_dense_reference():
 # The loss against Hugging Face transformers (same SmolLM2 weights, same rows)
 # ------------------------------------------------------------------------------------------------
 
-def hf_reference_losses(hf_dir, records, beta, gamma, sft_weight):
+def naive_loss(loss, chosen, rejected, beta, gamma, sft_weight):
+    """One row's loss from its answers' mean log-probs, written from the papers' formulas."""
+    import math
+
+    def log_sigmoid(x):
+        return -math.log1p(math.exp(-x))
+
+    if loss == "sft-only":
+        return -sft_weight * chosen
+    if loss == "orpo":
+        def log_odds(s):
+            return math.log(math.exp(s) / (1 - math.exp(s)))
+
+        pairs = [-log_sigmoid(log_odds(chosen) - log_odds(r)) for r in rejected]
+        return -sft_weight * chosen + beta * sum(pairs) / len(pairs)
+    margin = beta * (chosen - sum(rejected) / len(rejected)) - gamma
+    return -log_sigmoid(margin) - sft_weight * chosen
+
+
+@pytest.mark.parametrize("loss", ["logo", "simpo", "orpo", "sft-only"])
+def test_losses_follow_their_formulas(loss):
+    from megatron_ext.objectives.preference_loss import PreferenceLossConfig, preference_losses
+
+    generator = torch.Generator().manual_seed(3)
+    rejected_count = 1 if loss == "simpo" else 3
+    means = -torch.rand(5, 1 + rejected_count, generator=generator, dtype=torch.float64) * 4 - 0.05
+    config = PreferenceLossConfig(loss, beta=0.7, gamma=0.2 if loss in ("logo", "simpo") else 0.0,
+                                  sft_weight=0.4, num_rejected=rejected_count)
+    got = preference_losses(means, config)["loss"]
+    for row, value in zip(means.tolist(), got.tolist()):
+        want = naive_loss(loss, row[0], row[1:], 0.7, config.gamma, 0.4)
+        assert abs(value - want) <= 1e-12 * max(1.0, abs(want)), (loss, value, want)
+
+
+def test_preference_runs_get_logo_optimiser_defaults(pref_data, demo_data):
+    prefix, hf_dir, _ = pref_data
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "2048", "--max-position-embeddings", "8192", "--data-path", prefix,
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]
+    training = finalize(base).training
+    assert (training.adam_beta2, training.weight_decay) == (0.999, 0.05)
+    explicit = finalize([*base, "--adam-beta2", "0.98", "--weight-decay", "0"]).training
+    assert (explicit.adam_beta2, explicit.weight_decay) == (0.98, 0.0)
+    text_prefix, spm = demo_data[0].split()[1], demo_data[1]
+    pretraining = finalize(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads",
+                            "4", "--seq-length", "256", "--data-path", text_prefix,
+                            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                            spm]).training
+    assert (pretraining.adam_beta2, pretraining.weight_decay) == (0.95, 0.01)
+
+
+def hf_reference_losses(hf_dir, records, beta, gamma, sft_weight, loss="logo"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -204,23 +255,25 @@ def hf_reference_losses(hf_dir, records, beta, gamma, sft_weight):
                 log_probs = logits[:-1].log_softmax(-1)[scored].gather(
                     1, labels[scored].view(-1, 1))
                 means.append(log_probs.mean())
-            chosen, rejected = means[0], torch.stack(means[1:]).mean()
-            pref = -torch.nn.functional.logsigmoid(beta * (chosen - rejected) - gamma)
-            totals["pref_loss"].append(pref.item())
-            totals["sft_loss"].append(-chosen.item())
-            totals["loss"].append((pref - sft_weight * chosen).item())
+            chosen, rejected = means[0].item(), [m.item() for m in means[1:]]
+            total = naive_loss(loss, chosen, rejected, beta, gamma, sft_weight)
+            totals["pref_loss"].append(total + sft_weight * chosen)
+            totals["sft_loss"].append(-chosen)
+            totals["loss"].append(total)
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
 
 @pytest.mark.multiprocess
-def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path):
+@pytest.mark.parametrize("loss", ["logo", "orpo"])
+def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path, loss):
     prefix, hf_dir, longest = pref_data
     seq = round_up(longest["shared-prefix"])
+    margin = ["--gamma-beta-ratio", "0.1"] if loss == "logo" else []
     flags = [*smollm2_megatron["flags"], "--data-path", prefix, "--tokenizer-type",
              "HuggingFaceTokenizer", "--tokenizer-model", hf_dir, "--seq-length", str(seq),
              "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-6",
              "--position-scheme", "logo", "--target-seq-length", str(TARGET), "--device", "cpu",
-             "--split", "100,0,0", "--beta", "2.5", "--gamma-beta-ratio", "0.1",
+             "--split", "100,0,0", "--preference-loss", loss, "--beta", "2.5", *margin,
              "--sft-weight", "0.3"]
     metrics = tmp_path / "metrics.jsonl"
     torchrun(1, [*flags, "--load", smollm2_megatron["mg"], "--finetune", "--train-iters", "1",
@@ -230,7 +283,9 @@ def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path):
     run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *flags, "--num-samples", "2",
          "--output", dump])
     records = [json.loads(line) for line in dump.read_text().splitlines()]
-    reference = hf_reference_losses(hf_dir, records, beta=2.5, gamma=0.25, sft_weight=0.3)
+    reference = hf_reference_losses(hf_dir, records, beta=2.5,
+                                    gamma=0.25 if loss == "logo" else 0.0, sft_weight=0.3,
+                                    loss=loss)
     print("ours", {k: ours[k] for k in ("loss", "pref_loss", "sft_loss")}, "transformers", reference)
     assert ours["loss_tokens"] == 2  # rows, the loss's denominator
     assert rel_diff(ours["loss"], reference["loss"]) <= 1e-5
@@ -333,7 +388,10 @@ def test_bad_flags_are_refused_early(pref_data, demo_data):
             (["--objective", "sft"], "--objective sft"),
             (["--position-scheme", "longrecipe"], "contiguous or logo"),
             (["--beta", "0"], "--beta"),
-            (["--packed-documents"], "--packed-documents")):
+            (["--packed-documents"], "--packed-documents"),
+            (["--preference-loss", "orpo", "--gamma", "0.5"], "has no reward margin"),
+            (["--preference-loss", "sft-only", "--beta", "2"], "drop --beta"),
+            (["--document-packing", "whole"], "--preference-packing")):
         with pytest.raises(ArgumentError, match=re.escape(message)):
             finalize([*base, *extra])
     text_prefix, spm = demo_data[0].split()[1], demo_data[1]

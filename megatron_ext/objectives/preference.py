@@ -12,10 +12,19 @@ from megatron_ext.data import token_flags
 from megatron_ext.data.blend import parse_data_path
 from megatron_ext.errors import ArgumentError
 
-# Per-loss defaults: LOGO's released Llama-3 recipe (beta 10, gamma/beta 0.3, SFT weight 0.1) and
-# SimPO's own defaults (beta 2, gamma/beta 0.25, no SFT term).
+# Per-loss defaults: LOGO's released Llama-3 recipe (beta 10, gamma/beta 0.3, SFT weight 0.1),
+# SimPO's own defaults (beta 2, gamma/beta 0.25, no SFT term), ORPO's (lambda 0.1 as TRL's beta,
+# NLL weight 1) and the SFT-only baseline (NLL of the chosen answers).
 PREFERENCE_DEFAULTS = {"logo": {"beta": 10.0, "gamma_beta_ratio": 0.3, "sft_weight": 0.1},
-                       "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.25, "sft_weight": 0.0}}
+                       "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.25, "sft_weight": 0.0},
+                       "orpo": {"beta": 0.1, "gamma_beta_ratio": 0.0, "sft_weight": 1.0},
+                       "sft-only": {"beta": 1.0, "gamma_beta_ratio": 0.0, "sft_weight": 1.0}}
+# Losses without a reward margin, and the one without a preference term at all.
+NO_MARGIN = ("orpo", "sft-only")
+NO_BETA = ("sft-only",)
+# Optimiser settings of preference runs (LOGO's released recipe) unless the flags give others;
+# pretraining keeps Megatron-LM's (adam beta2 0.95, weight decay 0.01).
+PREFERENCE_OPTIMIZER_DEFAULTS = {"adam_beta2": 0.999, "weight_decay": 0.05}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preference-loss", choices=sorted(PREFERENCE_DEFAULTS), default="logo",
                    help="logo: -log sigmoid(beta * (s_chosen - mean_j s_rejected_j) - gamma) + "
                         "sft_weight * CE(chosen), s = mean token log-prob of an answer; simpo: the "
-                        "same with one rejected answer (--num-rejected 1)")
+                        "same with one rejected answer (--num-rejected 1); orpo: CE(chosen) + beta "
+                        "x mean_j -log sigmoid(log odds ratio) (beta = ORPO's lambda); sft-only: "
+                        "CE(chosen), the baseline")
     g.add_argument("--beta", type=float, default=None,
                    help="reward scale (default: 10 for logo, 2 for simpo)")
     margin = g.add_mutually_exclusive_group()
@@ -69,6 +80,16 @@ class PreferenceAlignment:
             raise ArgumentError("--data-path: preference training reads one preference dataset "
                                 "(preprocess several jsonl files together with --input a b c)")
         defaults = PREFERENCE_DEFAULTS[args.preference_loss]
+        if args.preference_loss in NO_MARGIN and (args.gamma is not None
+                                                  or args.gamma_beta_ratio is not None):
+            raise ArgumentError(f"--preference-loss {args.preference_loss} has no reward margin: "
+                                "drop --gamma / --gamma-beta-ratio")
+        if args.preference_loss in NO_BETA and args.beta is not None:
+            raise ArgumentError("--preference-loss sft-only trains the chosen answers' NLL only: "
+                                "drop --beta")
+        for field, value in PREFERENCE_OPTIMIZER_DEFAULTS.items():
+            if getattr(args, field) is None:
+                setattr(args, field, value)
         if args.beta is None:
             args.beta = defaults["beta"]
         if args.gamma is None:

@@ -3,8 +3,14 @@
 For one row with a chosen answer y_w and M rejected answers y_l1..y_lM, s(y) is the mean token
 log-probability of the answer given the prompt (length-normalised, as SimPO and LOGO):
 
-  logo   L = -log sigmoid(beta * (s(y_w) - mean_j s(y_lj)) - gamma) + sft_weight * CE(y_w)
-  simpo  the same with M = 1 (and no SFT term by default)
+  logo      L = -log sigmoid(beta * (s(y_w) - mean_j s(y_lj)) - gamma) + sft_weight * CE(y_w)
+  simpo     the same with M = 1 (and no SFT term by default)
+  orpo      L = sft_weight * CE(y_w) + beta * mean_j -log sigmoid(log odds(y_w) - log odds(y_lj)),
+            odds(y) = P / (1 - P) with P = exp(s(y)) (ORPO, Hong et al. 2024; the odds use the
+            length-normalised log-probs, as TRL's ORPOTrainer; beta is ORPO's lambda, default
+            0.1; the NLL term has weight 1)
+  sft-only  L = sft_weight * CE(y_w): the chosen answers' NLL, the baseline preference papers
+            report (rejected answers are read but not trained on)
 
 CE(y_w) is the chosen answer's token-mean cross entropy, i.e. -s(y_w): both use correctly shifted
 labels (the logit at t - 1 scores token t) and only answer tokens. All M rejected answers weigh
@@ -63,11 +69,21 @@ def preference_losses(mean_log_probs: torch.Tensor, config: PreferenceLossConfig
                       ) -> Dict[str, torch.Tensor]:
     """Per-row losses and metrics from ``mean_log_probs`` [batch, 1 + M] (s of each answer)."""
     chosen, rejected = mean_log_probs[:, 0], mean_log_probs[:, 1:].mean(dim=1)
-    if config.loss not in ("logo", "simpo"):
-        raise UserError(f"--preference-loss {config.loss!r}: expected logo or simpo")
-    logits = config.beta * (chosen - rejected) - config.gamma
-    pref = -F.logsigmoid(logits)
     sft = -chosen
+    if config.loss in ("logo", "simpo"):
+        pref = -F.logsigmoid(config.beta * (chosen - rejected) - config.gamma)
+    elif config.loss == "orpo":
+        # log odds(y) = s - log(1 - exp(s)); log1p(-exp) is exact for s < 0 (a mean log-prob).
+        def log_odds(s):
+            return s - torch.log1p(-torch.exp(s))
+
+        ratios = log_odds(chosen).unsqueeze(1) - log_odds(mean_log_probs[:, 1:])
+        pref = config.beta * -F.logsigmoid(ratios).mean(dim=1)
+    elif config.loss == "sft-only":
+        pref = torch.zeros_like(chosen)
+    else:
+        raise UserError(f"--preference-loss {config.loss!r}: expected one of "
+                        "logo, simpo, orpo, sft-only")
     with torch.no_grad():
         rewards_chosen, rewards_rejected = config.beta * chosen, config.beta * rejected
         metrics = {"rewards/chosen": rewards_chosen, "rewards/rejected": rewards_rejected,
