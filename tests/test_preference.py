@@ -16,6 +16,7 @@ next sentence as chosen, wrong retrievals as rejected), rendered with SmolLM2's 
 """
 
 import json
+import math
 import re
 import sys
 
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch import REPO_ROOT, TINY_MODEL, read_metrics, rel_diff, run, run_from, \
+from launch import REPO_ROOT, TINY_MODEL, free_port, read_metrics, rel_diff, run, run_from, \
     save_initial_checkpoint, torchrun
 from megatron_ext.data import position_schemes
 from dev.demo_preference import make_preference_rows
@@ -452,3 +453,97 @@ def test_preference_step_on_gpu_matches_cpu(tiny_run):
                                iters=1)[0]
     assert rel_diff(first["gpu"]["loss"], first["cpu"]["loss"]) <= 1e-4
     assert first["gpu"]["loss_tokens"] == first["cpu"]["loss_tokens"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# DPO / IPO with offline reference log-probs
+# ------------------------------------------------------------------------------------------------
+
+def reference_logps(nproc, args, load, output, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "tools/reference_logps.py", *args, "--load", load,
+           "--output", output, "--no-progress", *extra]
+    run(cmd, timeout=900)
+    with np.load(output) as saved:
+        return saved["sums"].copy(), saved["counts"].copy()
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tiny_run):
+    """Contiguous-position runs; a second model (the start trained 2 iterations) as reference."""
+    root, init, args = tiny_run
+    args = [*args[:args.index("--position-scheme")], *args[args.index("--position-scheme") + 2:]]
+    reference_ckpt = str(root / "dpo-reference")
+    torchrun(1, [*args, "--train-iters", "2", "--load", init, "--finetune", "--lr", "1e-2",
+                 "--save", reference_ckpt])
+    files = {name: str(root / f"{name}.npz") for name in ("policy", "reference")}
+    policy = reference_logps(1, args, init, files["policy"])
+    reference = reference_logps(1, args, reference_ckpt, files["reference"])
+    return root, init, args, files, policy, reference
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
+                                    ["--context-parallel-size", "2"],
+                                    ["--pipeline-model-parallel-size", "2"]])
+def test_reference_logps_are_layout_invariant(dpo_setup, layout, tmp_path):
+    _, init, args, _, (sums, counts), _ = dpo_setup
+    other, other_counts = reference_logps(2, args, init, str(tmp_path / "layout.npz"), layout)
+    assert (other_counts == counts).all() and (counts > 0).all()
+    assert np.abs(other - sums).max() <= 1e-6 * np.abs(sums).max(), layout
+
+
+def naive_reference_loss(loss, policy, reference, beta):
+    """One row's DPO / IPO loss from (sums, counts) of policy and reference, from TRL's formulas."""
+    import math
+
+    (p_sums, counts), (r_sums, _) = policy, reference
+    if loss == "dpo":
+        ratios = [p - r for p, r in zip(p_sums, r_sums)]
+        h = beta * (ratios[0] - sum(ratios[1:]) / len(ratios[1:]))
+        return math.log1p(math.exp(-h))
+    ratios = [(p - r) / n for p, r, n in zip(p_sums, r_sums, counts)]
+    h = ratios[0] - sum(ratios[1:]) / len(ratios[1:])
+    return (h - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_dpo_and_ipo_losses_follow_the_offline_reference(dpo_setup, tmp_path, loss):
+    root, init, args, files, policy, reference = dpo_setup
+    flags = [*args, "--preference-loss", loss, "--beta", "0.5", "--reference-logps",
+             files["reference"], "--global-batch-size", "4"]
+    metrics = run_from(init, tmp_path, loss, 1, flags, iters=1)[0]
+    dump = tmp_path / "batches.jsonl"
+    run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *flags, "--num-samples", "4",
+         "--output", dump])
+    rows = [json.loads(line)["row"] for line in dump.read_text().splitlines()]
+    want = np.mean([naive_reference_loss(loss, (policy[0][r], policy[1][r]),
+                                         (reference[0][r], reference[1][r]), 0.5) for r in rows])
+    print(loss, "ours", metrics["loss"], "naive", want)
+    assert rel_diff(metrics["loss"], want) <= 1e-5
+    assert abs(want - math.log(2)) > 1e-3  # the reference really differs from the policy
+
+
+def test_reference_files_are_checked(dpo_setup, pref_data, tmp_path):
+    from megatron_ext.errors import ArgumentError
+
+    root, init, args, files, policy, _ = dpo_setup
+    base = [*args, "--train-iters", "1"]
+    with pytest.raises(ArgumentError, match="tools/reference_logps.py"):
+        finalize([*base, "--preference-loss", "dpo"])
+    with pytest.raises(ArgumentError, match="--position-scheme contiguous"):
+        finalize([*base, "--preference-loss", "dpo", "--reference-logps", files["policy"],
+                  "--position-scheme", "logo", "--target-seq-length", str(TARGET)])
+    with pytest.raises(ArgumentError, match="--preference-loss dpo / ipo"):
+        finalize([*base, "--reference-logps", files["policy"]])
+    # A file computed for other data (another content fingerprint) is refused.
+    sums, counts = policy
+    from megatron_ext.objectives import reference_logps as ref
+
+    other = tmp_path / "other.npz"
+    ref.save(str(other), sums, counts, "0" * 32 + ":1", NUM_REJECTED)
+    with pytest.raises(ArgumentError, match="another dataset"):
+        finalize([*base, "--preference-loss", "dpo", "--reference-logps", str(other)])
+    assert finalize([*base, "--preference-loss", "dpo", "--reference-logps",
+                     files["policy"]]).objective.options.reference_logps == files["policy"]

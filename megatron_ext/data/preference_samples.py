@@ -76,6 +76,15 @@ class PreferenceRows:
     def __len__(self) -> int:
         return len(self.sequence_bounds) - 1
 
+    def fingerprint(self) -> str:
+        """Identifies the dataset's content (its index file and token count): a file of
+        per-row values computed from another dataset is refused by comparing this."""
+        import hashlib
+
+        with open(self.prefix + ".idx", "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        return f"{digest[:32]}:{int(self.sequence_lengths.sum())}"
+
     def answers_per_row(self) -> np.ndarray:
         return np.diff(self.sequence_bounds) - 1
 
@@ -282,6 +291,10 @@ class PreferenceDataset:
                                 self.config.target_seq_length, rng)
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-        row = self.data.row(self.row_of(index), self.config.num_rejected)
-        return build_sample(row, self._positions(row, index), self.config.layout,
-                            self.config.seq_length, self.config.pad_token)
+        row_index = self.row_of(index)
+        row = self.data.row(row_index, self.config.num_rejected)
+        sample = build_sample(row, self._positions(row, index), self.config.layout,
+                              self.config.seq_length, self.config.pad_token)
+        # Which row of the dataset this is: offline reference log-probs are looked up by it.
+        sample["row"] = np.array(row_index, dtype=np.int64)
+        return sample
