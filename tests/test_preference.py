@@ -17,7 +17,9 @@ next sentence as chosen, wrong retrievals as rejected), rendered with SmolLM2's 
 
 import json
 import math
+import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -547,3 +549,33 @@ def test_reference_files_are_checked(dpo_setup, pref_data, tmp_path):
         finalize([*base, "--preference-loss", "dpo", "--reference-logps", str(other)])
     assert finalize([*base, "--preference-loss", "dpo", "--reference-logps",
                      files["policy"]]).objective.options.reference_logps == files["policy"]
+
+
+def test_weighted_blend_of_preference_datasets(pref_data, tmp_path):
+    from megatron_ext.data.gpt_data import build_preference_datasets
+    from megatron_ext.data.preference_samples import blend_assignment
+    from megatron_ext.data.tokenizer import build_tokenizer
+
+    prefix, hf_dir, longest = pref_data
+    # A second dataset: the same rows preprocessed again under another name.
+    other = tmp_path / "copy_preference_document"
+    for ext in (".bin", ".idx", "_tokenflags.bin", "_tokenflags.idx", "_meta.json"):
+        source = prefix + ext
+        if os.path.exists(source):
+            shutil.copyfile(source, str(other) + ext)
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", hf_dir)
+    options = dict(split="100,0,0", seq_length=round_up(longest["shared-prefix"]),
+                   num_rejected=NUM_REJECTED, packing="shared-prefix",
+                   position_scheme="contiguous", target_seq_length=TARGET, seed=5)
+    blend, _, _ = build_preference_datasets(([prefix, str(other)], [3.0, 1.0]), tokenizer,
+                                            [40, 0, 0], **options)
+    alone, _, _ = build_preference_datasets(([prefix], None), tokenizer, [40, 0, 0], **options)
+    sources = [blend.dataset_of(i) for i in range(40)]
+    # Every prefix of the samples follows the 3:1 weights to within one sample ...
+    for n in range(1, 41):
+        assert abs(sources[:n].count(prefix) - 0.75 * n) <= 1, n
+    # ... and the first dataset's samples are its own samples, in its own order.
+    first = [i for i in range(40) if sources[i] == prefix]
+    for k, i in enumerate(first[:6]):
+        assert np.array_equal(blend[i]["tokens"], alone[k]["tokens"])
+    assert list(blend_assignment([1, 1], 4)[0]) == [0, 1, 0, 1]

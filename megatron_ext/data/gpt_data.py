@@ -135,28 +135,37 @@ def packing_summaries(datasets) -> List[dict]:
     return found
 
 
-def build_preference_datasets(prefix: str, tokenizer, num_samples: List[int], *, split: str,
+def build_preference_datasets(blend, tokenizer, num_samples: List[int], *, split: str,
                               seq_length: int, num_rejected: int, packing: str,
                               position_scheme: str, target_seq_length: int, seed: int):
-    """[train, valid, test] preference datasets of the dataset at ``prefix`` (None for a split
-    nobody reads); ``num_rejected`` was filled from the data while the flags were read."""
-    from megatron_ext.data.preference_samples import (PreferenceConfig, PreferenceDataset,
-                                                      PreferenceRows, split_rows)
+    """[train, valid, test] preference datasets of ``blend`` (prefixes, weights or None; None
+    for a split nobody reads); ``num_rejected`` was filled from the data while the flags were
+    read. Several datasets are mixed by weight, sample by sample (``BlendedPreferenceDataset``)."""
+    from megatron_ext.data.preference_samples import (BlendedPreferenceDataset, PreferenceConfig,
+                                                      PreferenceDataset, PreferenceRows,
+                                                      blend_assignment, split_rows)
 
-    rows = PreferenceRows(prefix)
+    prefixes, weights = blend
     config = PreferenceConfig(
         seq_length=seq_length, num_rejected=num_rejected, layout=packing,
         position_scheme=position_scheme, target_seq_length=target_seq_length, seed=seed,
         pad_token=tokenizer.pad if tokenizer.pad is not None and tokenizer.pad >= 0 else tokenizer.eod)
+    all_rows = [PreferenceRows(prefix) for prefix in prefixes]
     datasets = []
-    for name, part, count in zip(SPLIT_NAMES, split_rows(len(rows), split), num_samples):
+    for split_index, (name, count) in enumerate(zip(SPLIT_NAMES, num_samples)):
         if count <= 0:
             datasets.append(None)
             continue
-        if len(part) == 0:
-            raise UserError(f"--split {split} gives the {name} split of {rows.prefix} no rows "
-                             f"(it has {len(rows)}); raise the {name} share of --split")
-        datasets.append(PreferenceDataset(rows, part, count, config, name))
+        sources, counts = blend_assignment(weights or [1.0], count)
+        parts = []
+        for rows, needed in zip(all_rows, counts):
+            part = split_rows(len(rows), split)[split_index]
+            if len(part) == 0:
+                raise UserError(f"--split {split} gives the {name} split of {rows.prefix} no "
+                                f"rows (it has {len(rows)}); raise the {name} share of --split")
+            parts.append(PreferenceDataset(rows, part, max(1, needed), config, name))
+        datasets.append(parts[0] if len(parts) == 1
+                        else BlendedPreferenceDataset(parts, sources, count))
     return datasets
 
 

@@ -87,8 +87,10 @@ class PreferenceAlignment:
     def validate(self, args) -> None:
         """Loss defaults (per --preference-loss), the number of rejected answers (from the data
         when not given) and what does not combine with preference data."""
-        if len(parse_data_path(args.data_path)[0]) != 1:
-            raise ArgumentError("--data-path: preference training reads one preference dataset "
+        prefixes = parse_data_path(args.data_path)[0]
+        if len(prefixes) > 1 and args.preference_loss in REFERENCE_LOSSES:
+            raise ArgumentError(f"--preference-loss {args.preference_loss} reads one reference "
+                                "file per dataset: give --data-path one preference dataset "
                                 "(preprocess several jsonl files together with --input a b c)")
         defaults = PREFERENCE_DEFAULTS[args.preference_loss]
         if args.preference_loss in NO_MARGIN and (args.gamma is not None
@@ -117,8 +119,8 @@ class PreferenceAlignment:
         if args.num_rejected is None and args.preference_loss == "simpo":
             args.num_rejected = 1
         if args.num_rejected is None:  # what every row of the data has
-            meta = token_flags.read_meta(parse_data_path(args.data_path)[0][0]) or {}
-            args.num_rejected = int(meta.get("min_rejected", 1))
+            args.num_rejected = min(int((token_flags.read_meta(prefix) or {}).get(
+                "min_rejected", 1)) for prefix in prefixes)
         if args.num_rejected < 1:
             raise ArgumentError(f"--num-rejected must be >= 1, got {args.num_rejected}")
         if args.preference_loss in REFERENCE_LOSSES:
@@ -175,7 +177,7 @@ class PreferenceAlignment:
 
         options = cfg.objective.options
         return build_preference_datasets(
-            cfg.data.data_blend[0][0], tokenizer, num_samples, split=cfg.data.split,
+            cfg.data.data_blend, tokenizer, num_samples, split=cfg.data.split,
             seq_length=cfg.model.seq_length, num_rejected=options.num_rejected,
             packing=options.preference_packing, position_scheme=cfg.data.position_scheme,
             target_seq_length=cfg.data.target_seq_length, seed=cfg.training.seed)
