@@ -514,7 +514,7 @@ def naive_reference_loss(loss, policy, reference, beta):
 def test_dpo_and_ipo_losses_follow_the_offline_reference(dpo_setup, tmp_path, loss):
     root, init, args, files, policy, reference = dpo_setup
     flags = [*args, "--preference-loss", loss, "--beta", "0.5", "--reference-logps",
-             files["reference"], "--global-batch-size", "4"]
+             files["reference"], "--global-batch-size", "4", "--lr-warmup-iters", "0"]
     metrics = run_from(init, tmp_path, loss, 1, flags, iters=1)[0]
     dump = tmp_path / "batches.jsonl"
     run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *flags, "--num-samples", "4",
