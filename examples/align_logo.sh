@@ -87,7 +87,7 @@ $PYTHON -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MAST
     --sft-weight "$SFT_WEIGHT" \
     --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE" \
     --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr 0 --lr-decay-style cosine \
-    --lr-warmup-iters $(( TRAIN_ITERS / 8 + 1 )) --weight-decay 0.05 --clip-grad 1.0 \
+    --lr-warmup-iters $(( TRAIN_ITERS / 8 + 1 )) --weight-decay 0.05 --adam-beta2 0.999 --clip-grad 1.0 \
     --data-path "$DATA_PATH" --split 90,10,0 --eval-interval "$TRAIN_ITERS" --eval-iters 1 \
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HF_MODEL" \
     --load "$OUTPUT_DIR/base" --finetune --save "$OUTPUT_DIR/checkpoints" \

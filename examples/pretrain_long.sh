@@ -12,7 +12,8 @@
 #   DATA_PATH="0.7 /data/books_text_document 0.3 /data/code_text_document" \
 #   TOKENIZER_TYPE=HuggingFaceTokenizer TOKENIZER_MODEL=/models/llama3 bash examples/pretrain_long.sh
 # LongRecipe: train on 0.3x-length samples whose position ids cover the 128K target window, with a
-# static RoPE base for that window (tools/rope_base.py prints it):
+# static RoPE base for that window (tools/rope_base.py prints it). Skip-wise schemes pack documents
+# (--packed-documents), so each selected sample gets its own ids over [0, 128K):
 #   SEQ_LENGTH=38400 MAX_POSITION_EMBEDDINGS=131072 POSITION_SCHEME=longrecipe ROTARY_BASE=... \
 #   LOAD=/ckpt/llama3-8b-megatron bash examples/pretrain_long.sh --finetune
 # Extra arguments are passed to `python -m megatron_ext.train` unchanged (they win over these).
@@ -61,6 +62,11 @@ if [[ -z "${DATA_PATH:-}" || -z "${TOKENIZER_MODEL:-}" ]]; then
     eval "$($PYTHON tools/prepare_demo_data.py)"
 fi
 
+scheme_flags=()
+# pose / longrecipe draw one document's ids over the target window: documents are kept apart.
+[[ "$POSITION_SCHEME" == "pose" || "$POSITION_SCHEME" == "longrecipe" ]] && \
+    scheme_flags=(--packed-documents)
+
 precision_flags=()
 [[ "$PRECISION" == "bf16" ]] && precision_flags=(--bf16)
 [[ "$PRECISION" == "fp16" ]] && precision_flags=(--fp16)
@@ -74,6 +80,7 @@ train_args=(
     --seq-length "$SEQ_LENGTH" --max-position-embeddings "$MAX_POSITION_EMBEDDINGS"
     --rotary-base "$ROTARY_BASE" --untie-embeddings-and-output-weights
     --position-scheme "$POSITION_SCHEME" --target-seq-length "$TARGET_SEQ_LENGTH"
+    "${scheme_flags[@]}"
     --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
     --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
     --lr-warmup-iters "$WARMUP_ITERS" --weight-decay 0.1 --clip-grad 1.0

@@ -23,6 +23,10 @@ from megatron_ext.model import attention_backends
 from megatron_ext.objectives import preference
 
 
+# Megatron-LM's defaults, for every objective that does not bring its own.
+PRETRAINING_OPTIMIZER_DEFAULTS = {"adam_beta2": 0.95, "weight_decay": 0.01}
+
+
 def build_parser(prog: str = "megatron_ext.train",
                  providers: Sequence[ArgsProvider] = ()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
@@ -131,9 +135,11 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="sgd with --sgd-momentum 0, --weight-decay 0 and --clip-grad 0 makes an "
                         "update exactly -lr x gradient")
     g.add_argument("--sgd-momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="default: 0.01 (Megatron-LM's); preference runs: 0.05 (LOGO's recipe)")
     g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-beta2", type=float, default=None,
+                   help="default: 0.95 (Megatron-LM's); preference runs: 0.999 (LOGO's recipe)")
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
@@ -161,6 +167,16 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="documents packed into a sequence attend only within themselves, position "
                         "ids restart per document and targets across a document end are masked "
                         "(Megatron's --reset-attention-mask also turns this on)")
+    g.add_argument("--document-packing", choices=["stream", "whole"], default=None,
+                   help="with packed documents: 'stream' cuts --seq-length windows from the "
+                        "concatenated documents (Megatron's GPTDataset; a document may continue in "
+                        "the next window), 'whole' places whole documents into windows (first "
+                        "fit, padded; the build prints the packing efficiency). Default: whole "
+                        "for --objective sft, else stream")
+    g.add_argument("--overlong-documents", choices=["truncate", "error"], default="truncate",
+                   help="--document-packing whole: a document longer than --seq-length keeps "
+                        "its first --seq-length tokens (counted in the packing summary), or is "
+                        "an error")
     g.add_argument("--position-scheme", choices=list(position_schemes.SCHEMES),
                    default="contiguous",
                    help="position ids of a sample: contiguous; pose (chunks shifted by random skip "
@@ -169,8 +185,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "data: context chunks at random offsets in their own slots of the target "
                         "window, question and answers after them)")
     g.add_argument("--target-seq-length", type=int, default=None,
-                   help="the context length pose/longrecipe positions cover (default: "
-                        "--max-position-embeddings)")
+                   help="the context length T pose/longrecipe positions cover (default: "
+                        "--max-position-embeddings); must exceed --seq-length for them")
+    g.add_argument("--positions-across-documents", action="store_true",
+                   help="pose/longrecipe without --packed-documents: spread one set of ids over "
+                        "the whole --seq-length window even where it holds several unrelated "
+                        "documents (position 0 may fall mid-document). Default: refused; use "
+                        "--packed-documents, which gives every document its own ids over [0, T)")
     g.add_argument("--pose-num-chunks", type=int, default=2)
     g.add_argument("--longrecipe-contiguous-prefix", action="store_true",
                    help="keep a random contiguous prefix of up to half the sample at positions "
@@ -227,8 +248,11 @@ def finalize(args: argparse.Namespace, world_size: int,
     """
     check_load(args)
     model, layout = model_and_layout(args, world_size)
-    _resolve_objective(args)
+    _resolve_objective(args)  # an objective may set its own optimiser defaults first
     _refuse_flags_that_cannot_apply(args)
+    for field, value in PRETRAINING_OPTIMIZER_DEFAULTS.items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
     _validate_position_args(args)
 
     dp = layout.dp
@@ -375,11 +399,24 @@ def _validate_position_args(args: argparse.Namespace) -> None:
         raise ArgumentError(
             f"--target-seq-length ({args.target_seq_length}) exceeds --max-position-embeddings "
             f"({args.max_position_embeddings}); raise --max-position-embeddings to the target")
-    if args.position_scheme != "contiguous" and args.packed_documents:
+    skip_wise = args.position_scheme in position_schemes.SKIP_WISE
+    if skip_wise and args.target_seq_length <= args.seq_length:
         raise ArgumentError(
-            f"--position-scheme {args.position_scheme} spreads one sample over the target window, "
-            "while --packed-documents (and --objective sft) restart positions per document; "
-            "use one of them")
+            f"--position-scheme {args.position_scheme} spreads a sample's ids over "
+            f"--target-seq-length T = {args.target_seq_length}, which is not longer than "
+            f"--seq-length {args.seq_length}: the ids would be plain 0..n-1. Set "
+            f"--target-seq-length (and --max-position-embeddings) to the context you extend to")
+    if skip_wise and not args.packed_documents and not args.positions_across_documents:
+        raise ArgumentError(
+            f"--position-scheme {args.position_scheme} draws one document's ids over [0, T); "
+            "--seq-length windows of a token stream hold pieces of several documents. Add "
+            "--packed-documents (every document, or window piece of one, gets its own ids and "
+            "attends only to itself), or --positions-across-documents to spread one set of ids "
+            "over the whole window anyway")
+    if args.positions_across_documents and (not skip_wise or args.packed_documents):
+        raise ArgumentError("--positions-across-documents applies to --position-scheme "
+                            "pose/longrecipe without --packed-documents (or --objective sft); "
+                            "drop it")
     if args.position_scheme == "pose" and not 1 <= args.pose_num_chunks <= args.seq_length:
         raise ArgumentError(f"--pose-num-chunks must be between 1 and --seq-length, got "
                             f"{args.pose_num_chunks}")
@@ -405,7 +442,8 @@ def _validate_data_args(args: argparse.Namespace) -> None:
 
 # Flags only one objective or position scheme reads: given elsewhere they would silently do nothing.
 PREFERENCE_FLAGS = ("preference_loss", "beta", "gamma", "gamma_beta_ratio", "sft_weight",
-                    "num_rejected", "preference_packing")
+                    "num_rejected", "preference_packing", "reference_logps",
+                    "dpo_label_smoothing")
 SCHEME_FLAGS = {"pose_num_chunks": "pose", "longrecipe_contiguous_prefix": "longrecipe"}
 
 

@@ -123,6 +123,9 @@ class DataConfig:
     target_seq_length: Optional[int] = None
     pose_num_chunks: int = 2
     longrecipe_contiguous_prefix: bool = False
+    positions_across_documents: bool = False
+    document_packing: Optional[str] = None  # stream | whole (resolved by the objective)
+    overlong_documents: str = "truncate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +142,9 @@ class TrainingConfig:
     lr_warmup_iters: int = 0
     optimizer: str = "adam"
     sgd_momentum: float = 0.9
-    weight_decay: float = 0.01
+    weight_decay: Optional[float] = None  # filled per objective by arguments.finalize
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta2: Optional[float] = None  # filled per objective by arguments.finalize
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234

@@ -18,7 +18,8 @@ def test_dump_matches_the_training_loader(books_data, tmp_path):
     flags = ["--data-path", prefix, "--tokenizer-type", "SentencePieceTokenizer",
              "--tokenizer-model", tokenizer_model, "--data-cache-path", str(tmp_path / "cache"),
              "--seq-length", "512", "--max-position-embeddings", "2048",
-             "--position-scheme", "longrecipe", "--split", "100,0,0", "--seed", "99",
+             "--position-scheme", "longrecipe", "--packed-documents", "--split", "100,0,0",
+             "--seed", "99",
              "--context-parallel-size", "2", "--global-batch-size", "1"]
     out = tmp_path / "batches.jsonl"
     run([sys.executable, "tools/inspect_batches.py", *flags, "--num-samples", "3",
@@ -37,10 +38,20 @@ def test_dump_matches_the_training_loader(books_data, tmp_path):
             assert record[key] == batch[key][0].tolist(), key
         assert record["text"] == tokenizer.detokenize(record["tokens"])
         positions = np.array(record["position_ids"])
-        assert positions[0] == 0 and positions[-1] == 2047
-        # Position gaps open only at the segment starts the dump reports.
-        jumps = (np.flatnonzero(np.diff(positions) > 1) + 1).tolist()
-        assert set(jumps) <= set(record["segment_starts"])
+        documents = np.array(record["document_ids"])
+        starts = np.flatnonzero(np.diff(documents, prepend=-1)).tolist()
+        assert starts == record["document_starts"]  # pieces start where documents start
+        segment_starts = set(record["segment_starts"])
+        for first, end in zip(starts, starts[1:] + [len(positions)]):
+            ids = positions[first:end]
+            # Every document piece has its own ids over [0, T): from 0, increasing, below T.
+            assert ids[0] == 0 and (np.diff(ids) > 0).all() and ids[-1] <= 2047
+            # Gaps open only at the piece's own segment starts ...
+            jumps = {first + j for j in (np.flatnonzero(np.diff(ids) > 1) + 1).tolist()}
+            assert jumps <= segment_starts
+            # ... and a piece with several segments spreads over the whole window.
+            if any(first < s < end for s in segment_starts):
+                assert ids[-1] == 2047, (first, end)
         # Each segment start follows a token that really ends a sentence or line.
         for start in record["segment_starts"][1:6]:
             if start in record["document_starts"]:

@@ -4,6 +4,7 @@ The pure functions are checked with hypothesis (random segment layouts and targe
 loader is checked on Austen's novels, whose sentence boundaries were recorded at preprocessing.
 """
 
+import re
 import subprocess
 import sys
 
@@ -164,3 +165,34 @@ def test_loader_refuses_longrecipe_without_recorded_boundaries(books_data, tmp_p
         build_gpt_datasets(parse_data_path([bare]), "98,2,0", 256, 1, tokenizer, [4, 0, 0],
                            str(tmp_path / "cache"), position_scheme="longrecipe",
                            target_seq_length=1024)
+
+
+@pytest.mark.parametrize("extra, message", [
+    # T defaults to --max-position-embeddings, which defaults to --seq-length: a silent no-op.
+    (["--position-scheme", "pose", "--packed-documents"], "--target-seq-length T = 64"),
+    (["--position-scheme", "longrecipe", "--packed-documents", "--max-position-embeddings", "256",
+      "--target-seq-length", "64"], "not longer than --seq-length 64"),
+    # One set of ids over a window of several documents needs the explicit flag.
+    (["--position-scheme", "longrecipe", "--max-position-embeddings", "256"],
+     "Add --packed-documents"),
+    (["--positions-across-documents"], "--positions-across-documents applies to"),
+    (["--position-scheme", "pose", "--max-position-embeddings", "256", "--packed-documents",
+      "--positions-across-documents"], "--positions-across-documents applies to"),
+])
+def test_skip_wise_schemes_refuse_what_would_train_something_else(books_data, extra, message):
+    from megatron_ext import arguments
+    from megatron_ext.errors import ArgumentError
+
+    prefix, tokenizer = books_data
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "64", "--data-path", prefix, "--tokenizer-type",
+            "SentencePieceTokenizer", "--tokenizer-model", tokenizer]
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        arguments.finalize(arguments.build_parser().parse_args(base + extra), world_size=1)
+    # The documented ways through are accepted.
+    for fine in (["--position-scheme", "longrecipe", "--packed-documents",
+                  "--max-position-embeddings", "256"],
+                 ["--position-scheme", "pose", "--positions-across-documents",
+                  "--max-position-embeddings", "256"]):
+        cfg = arguments.finalize(arguments.build_parser().parse_args(base + fine), world_size=1)
+        assert cfg.data.target_seq_length == 256

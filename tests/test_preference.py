@@ -16,14 +16,17 @@ next sentence as chosen, wrong retrievals as rejected), rendered with SmolLM2's 
 """
 
 import json
+import math
+import os
 import re
+import shutil
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from launch import REPO_ROOT, TINY_MODEL, read_metrics, rel_diff, run, run_from, \
+from launch import REPO_ROOT, TINY_MODEL, free_port, read_metrics, rel_diff, run, run_from, \
     save_initial_checkpoint, torchrun
 from megatron_ext.data import position_schemes
 from dev.demo_preference import make_preference_rows
@@ -186,7 +189,58 @@ def test_branch_mask_equals_dense_reference():
 # The loss against Hugging Face transformers (same SmolLM2 weights, same rows)
 # ------------------------------------------------------------------------------------------------
 
-def hf_reference_losses(hf_dir, records, beta, gamma, sft_weight):
+def naive_loss(loss, chosen, rejected, beta, gamma, sft_weight):
+    """One row's loss from its answers' mean log-probs, written from the papers' formulas."""
+    import math
+
+    def log_sigmoid(x):
+        return -math.log1p(math.exp(-x))
+
+    if loss == "sft-only":
+        return -sft_weight * chosen
+    if loss == "orpo":
+        def log_odds(s):
+            return math.log(math.exp(s) / (1 - math.exp(s)))
+
+        pairs = [-log_sigmoid(log_odds(chosen) - log_odds(r)) for r in rejected]
+        return -sft_weight * chosen + beta * sum(pairs) / len(pairs)
+    margin = beta * (chosen - sum(rejected) / len(rejected)) - gamma
+    return -log_sigmoid(margin) - sft_weight * chosen
+
+
+@pytest.mark.parametrize("loss", ["logo", "simpo", "orpo", "sft-only"])
+def test_losses_follow_their_formulas(loss):
+    from megatron_ext.objectives.preference_loss import PreferenceLossConfig, preference_losses
+
+    generator = torch.Generator().manual_seed(3)
+    rejected_count = 1 if loss == "simpo" else 3
+    means = -torch.rand(5, 1 + rejected_count, generator=generator, dtype=torch.float64) * 4 - 0.05
+    config = PreferenceLossConfig(loss, beta=0.7, gamma=0.2 if loss in ("logo", "simpo") else 0.0,
+                                  sft_weight=0.4, num_rejected=rejected_count)
+    got = preference_losses(means, config)["loss"]
+    for row, value in zip(means.tolist(), got.tolist()):
+        want = naive_loss(loss, row[0], row[1:], 0.7, config.gamma, 0.4)
+        assert abs(value - want) <= 1e-12 * max(1.0, abs(want)), (loss, value, want)
+
+
+def test_preference_runs_get_logo_optimiser_defaults(pref_data, demo_data):
+    prefix, hf_dir, _ = pref_data
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "2048", "--max-position-embeddings", "8192", "--data-path", prefix,
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]
+    training = finalize(base).training
+    assert (training.adam_beta2, training.weight_decay) == (0.999, 0.05)
+    explicit = finalize([*base, "--adam-beta2", "0.98", "--weight-decay", "0"]).training
+    assert (explicit.adam_beta2, explicit.weight_decay) == (0.98, 0.0)
+    text_prefix, spm = demo_data[0].split()[1], demo_data[1]
+    pretraining = finalize(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads",
+                            "4", "--seq-length", "256", "--data-path", text_prefix,
+                            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                            spm]).training
+    assert (pretraining.adam_beta2, pretraining.weight_decay) == (0.95, 0.01)
+
+
+def hf_reference_losses(hf_dir, records, beta, gamma, sft_weight, loss="logo"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -204,23 +258,25 @@ def hf_reference_losses(hf_dir, records, beta, gamma, sft_weight):
                 log_probs = logits[:-1].log_softmax(-1)[scored].gather(
                     1, labels[scored].view(-1, 1))
                 means.append(log_probs.mean())
-            chosen, rejected = means[0], torch.stack(means[1:]).mean()
-            pref = -torch.nn.functional.logsigmoid(beta * (chosen - rejected) - gamma)
-            totals["pref_loss"].append(pref.item())
-            totals["sft_loss"].append(-chosen.item())
-            totals["loss"].append((pref - sft_weight * chosen).item())
+            chosen, rejected = means[0].item(), [m.item() for m in means[1:]]
+            total = naive_loss(loss, chosen, rejected, beta, gamma, sft_weight)
+            totals["pref_loss"].append(total + sft_weight * chosen)
+            totals["sft_loss"].append(-chosen)
+            totals["loss"].append(total)
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
 
 @pytest.mark.multiprocess
-def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path):
+@pytest.mark.parametrize("loss", ["logo", "orpo"])
+def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path, loss):
     prefix, hf_dir, longest = pref_data
     seq = round_up(longest["shared-prefix"])
+    margin = ["--gamma-beta-ratio", "0.1"] if loss == "logo" else []
     flags = [*smollm2_megatron["flags"], "--data-path", prefix, "--tokenizer-type",
              "HuggingFaceTokenizer", "--tokenizer-model", hf_dir, "--seq-length", str(seq),
              "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-6",
              "--position-scheme", "logo", "--target-seq-length", str(TARGET), "--device", "cpu",
-             "--split", "100,0,0", "--beta", "2.5", "--gamma-beta-ratio", "0.1",
+             "--split", "100,0,0", "--preference-loss", loss, "--beta", "2.5", *margin,
              "--sft-weight", "0.3"]
     metrics = tmp_path / "metrics.jsonl"
     torchrun(1, [*flags, "--load", smollm2_megatron["mg"], "--finetune", "--train-iters", "1",
@@ -230,7 +286,9 @@ def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path):
     run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *flags, "--num-samples", "2",
          "--output", dump])
     records = [json.loads(line) for line in dump.read_text().splitlines()]
-    reference = hf_reference_losses(hf_dir, records, beta=2.5, gamma=0.25, sft_weight=0.3)
+    reference = hf_reference_losses(hf_dir, records, beta=2.5,
+                                    gamma=0.25 if loss == "logo" else 0.0, sft_weight=0.3,
+                                    loss=loss)
     print("ours", {k: ours[k] for k in ("loss", "pref_loss", "sft_loss")}, "transformers", reference)
     assert ours["loss_tokens"] == 2  # rows, the loss's denominator
     assert rel_diff(ours["loss"], reference["loss"]) <= 1e-5
@@ -333,7 +391,10 @@ def test_bad_flags_are_refused_early(pref_data, demo_data):
             (["--objective", "sft"], "--objective sft"),
             (["--position-scheme", "longrecipe"], "contiguous or logo"),
             (["--beta", "0"], "--beta"),
-            (["--packed-documents"], "--packed-documents")):
+            (["--packed-documents"], "--packed-documents"),
+            (["--preference-loss", "orpo", "--gamma", "0.5"], "has no reward margin"),
+            (["--preference-loss", "sft-only", "--beta", "2"], "drop --beta"),
+            (["--document-packing", "whole"], "--preference-packing")):
         with pytest.raises(ArgumentError, match=re.escape(message)):
             finalize([*base, *extra])
     text_prefix, spm = demo_data[0].split()[1], demo_data[1]
@@ -394,3 +455,127 @@ def test_preference_step_on_gpu_matches_cpu(tiny_run):
                                iters=1)[0]
     assert rel_diff(first["gpu"]["loss"], first["cpu"]["loss"]) <= 1e-4
     assert first["gpu"]["loss_tokens"] == first["cpu"]["loss_tokens"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# DPO / IPO with offline reference log-probs
+# ------------------------------------------------------------------------------------------------
+
+def reference_logps(nproc, args, load, output, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "tools/reference_logps.py", *args, "--load", load,
+           "--output", output, "--no-progress", *extra]
+    run(cmd, timeout=900)
+    with np.load(output) as saved:
+        return saved["sums"].copy(), saved["counts"].copy()
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tiny_run):
+    """Contiguous-position runs; a second model (the start trained 2 iterations) as reference."""
+    root, init, args = tiny_run
+    args = [*args[:args.index("--position-scheme")], *args[args.index("--position-scheme") + 2:]]
+    reference_ckpt = str(root / "dpo-reference")
+    torchrun(1, [*args, "--train-iters", "2", "--load", init, "--finetune", "--lr", "1e-2",
+                 "--save", reference_ckpt])
+    files = {name: str(root / f"{name}.npz") for name in ("policy", "reference")}
+    policy = reference_logps(1, args, init, files["policy"])
+    reference = reference_logps(1, args, reference_ckpt, files["reference"])
+    return root, init, args, files, policy, reference
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
+                                    ["--context-parallel-size", "2"],
+                                    ["--pipeline-model-parallel-size", "2"]])
+def test_reference_logps_are_layout_invariant(dpo_setup, layout, tmp_path):
+    _, init, args, _, (sums, counts), _ = dpo_setup
+    other, other_counts = reference_logps(2, args, init, str(tmp_path / "layout.npz"), layout)
+    assert (other_counts == counts).all() and (counts > 0).all()
+    assert np.abs(other - sums).max() <= 1e-6 * np.abs(sums).max(), layout
+
+
+def naive_reference_loss(loss, policy, reference, beta):
+    """One row's DPO / IPO loss from (sums, counts) of policy and reference, from TRL's formulas."""
+    import math
+
+    (p_sums, counts), (r_sums, _) = policy, reference
+    if loss == "dpo":
+        ratios = [p - r for p, r in zip(p_sums, r_sums)]
+        h = beta * (ratios[0] - sum(ratios[1:]) / len(ratios[1:]))
+        return math.log1p(math.exp(-h))
+    ratios = [(p - r) / n for p, r, n in zip(p_sums, r_sums, counts)]
+    h = ratios[0] - sum(ratios[1:]) / len(ratios[1:])
+    return (h - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_dpo_and_ipo_losses_follow_the_offline_reference(dpo_setup, tmp_path, loss):
+    root, init, args, files, policy, reference = dpo_setup
+    flags = [*args, "--preference-loss", loss, "--beta", "0.5", "--reference-logps",
+             files["reference"], "--global-batch-size", "4", "--lr-warmup-iters", "0"]
+    metrics = run_from(init, tmp_path, loss, 1, flags, iters=1)[0]
+    dump = tmp_path / "batches.jsonl"
+    run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *flags, "--num-samples", "4",
+         "--output", dump])
+    rows = [json.loads(line)["row"] for line in dump.read_text().splitlines()]
+    want = np.mean([naive_reference_loss(loss, (policy[0][r], policy[1][r]),
+                                         (reference[0][r], reference[1][r]), 0.5) for r in rows])
+    print(loss, "ours", metrics["loss"], "naive", want)
+    assert rel_diff(metrics["loss"], want) <= 1e-5
+    assert abs(want - math.log(2)) > 1e-3  # the reference really differs from the policy
+
+
+def test_reference_files_are_checked(dpo_setup, pref_data, tmp_path):
+    from megatron_ext.errors import ArgumentError
+
+    root, init, args, files, policy, _ = dpo_setup
+    base = [*args, "--train-iters", "1"]
+    with pytest.raises(ArgumentError, match="tools/reference_logps.py"):
+        finalize([*base, "--preference-loss", "dpo"])
+    with pytest.raises(ArgumentError, match="--position-scheme contiguous"):
+        finalize([*base, "--preference-loss", "dpo", "--reference-logps", files["policy"],
+                  "--position-scheme", "logo", "--target-seq-length", str(TARGET)])
+    with pytest.raises(ArgumentError, match="--preference-loss dpo / ipo"):
+        finalize([*base, "--reference-logps", files["policy"]])
+    # A file computed for other data (another content fingerprint) is refused.
+    sums, counts = policy
+    from megatron_ext.objectives import reference_logps as ref
+
+    other = tmp_path / "other.npz"
+    ref.save(str(other), sums, counts, "0" * 32 + ":1", NUM_REJECTED)
+    with pytest.raises(ArgumentError, match="another dataset"):
+        finalize([*base, "--preference-loss", "dpo", "--reference-logps", str(other)])
+    assert finalize([*base, "--preference-loss", "dpo", "--reference-logps",
+                     files["policy"]]).objective.options.reference_logps == files["policy"]
+
+
+def test_weighted_blend_of_preference_datasets(pref_data, tmp_path):
+    from megatron_ext.data.gpt_data import build_preference_datasets
+    from megatron_ext.data.preference_samples import blend_assignment
+    from megatron_ext.data.tokenizer import build_tokenizer
+
+    prefix, hf_dir, longest = pref_data
+    # A second dataset: the same rows preprocessed again under another name.
+    other = tmp_path / "copy_preference_document"
+    for ext in (".bin", ".idx", "_tokenflags.bin", "_tokenflags.idx", "_meta.json"):
+        source = prefix + ext
+        if os.path.exists(source):
+            shutil.copyfile(source, str(other) + ext)
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", hf_dir)
+    options = dict(split="100,0,0", seq_length=round_up(longest["shared-prefix"]),
+                   num_rejected=NUM_REJECTED, packing="shared-prefix",
+                   position_scheme="contiguous", target_seq_length=TARGET, seed=5)
+    blend, _, _ = build_preference_datasets(([prefix, str(other)], [3.0, 1.0]), tokenizer,
+                                            [40, 0, 0], **options)
+    alone, _, _ = build_preference_datasets(([prefix], None), tokenizer, [40, 0, 0], **options)
+    sources = [blend.dataset_of(i) for i in range(40)]
+    # Every prefix of the samples follows the 3:1 weights to within one sample ...
+    for n in range(1, 41):
+        assert abs(sources[:n].count(prefix) - 0.75 * n) <= 1, n
+    # ... and the first dataset's samples are its own samples, in its own order.
+    first = [i for i in range(40) if sources[i] == prefix]
+    for k, i in enumerate(first[:6]):
+        assert np.array_equal(blend[i]["tokens"], alone[k]["tokens"])
+    assert list(blend_assignment([1, 1], 4)[0]) == [0, 1, 0, 1]

@@ -94,6 +94,47 @@ def test_packed_conversations_mask_everything_but_answers(chat_data):
     assert trained_runs > 16
 
 
+@pytest.mark.parametrize("seq", [SEQ, 512])
+def test_whole_conversation_packing_never_cuts_a_prompt_off(chat_data, capsys, seq):
+    root, prefix, hf_dir, rows = chat_data
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", hf_dir)
+    conversations_ids = [tokenize_conversation(tokenizer, r["messages"])[0] for r in rows]
+    longest = max(len(ids) for ids in conversations_ids)
+    train, _, _ = build_gpt_datasets(parse_data_path([prefix]), "100,0,0", seq, 7, tokenizer,
+                                     [24, 0, 0], str(root / f"cache-whole-{seq}"),
+                                     packed_documents=True, sft=True, document_packing="whole")
+    summary = train.packing_summary
+    assert f"packing efficiency {summary['packing_efficiency']:.1%}" in capsys.readouterr().out
+    cut = sum(len(ids) > seq for ids in conversations_ids)
+    assert summary["truncated_documents"] == cut and (cut > 0) == (longest > seq)
+    used = 0
+    for index in range(summary["windows"]):
+        sample = train[index]
+        tokens, docs = sample["tokens"].numpy(), sample["document_ids"].numpy()
+        mask = sample["loss_mask"].numpy().astype(bool)
+        bounds = np.flatnonzero(np.diff(docs, prepend=-1)).tolist() + [seq]
+        pieces = list(zip(bounds[:-1], bounds[1:]))
+        # A partly filled window ends in padding: token 0 throughout, its own document.
+        padding = pieces[-1] if not tokens[pieces[-1][0]:].any() else None
+        content = pieces[:-1] if padding else pieces
+        for start, stop in content:
+            ids = tokens[start:stop].tolist()
+            # Every document is a whole conversation, or the first --seq-length tokens of one:
+            # its prompt is always in the window with its answers.
+            assert any(ids == c or (len(c) > seq and ids == c[:seq]) for c in conversations_ids)
+            assert (sample["position_ids"].numpy()[start:stop] == np.arange(stop - start)).all()
+            used += stop - start
+        if padding is not None:
+            assert not mask[padding[0]:].any()  # padding is never a target
+    assert summary["packing_efficiency"] == round(used / (summary["windows"] * seq), 4)
+    assert 0.5 < summary["packing_efficiency"] <= 1.0
+    if cut:
+        with pytest.raises(ValueError, match="--overlong-documents truncate"):
+            build_gpt_datasets(parse_data_path([prefix]), "100,0,0", seq, 7, tokenizer,
+                               [4, 0, 0], None, packed_documents=True, sft=True,
+                               document_packing="whole", overlong_documents="error")
+
+
 def test_bad_chat_rows_are_named(tmp_path, chat_data):
     _, _, hf_dir, _ = chat_data
     jsonl = tmp_path / "bad.jsonl"

@@ -53,6 +53,8 @@ def _preference_records(dataset, num_samples: int, options, cp: int, tokenizer
     names = ["chosen"] + [f"rejected_{j}" for j in range(1, options.num_rejected + 1)]
     for index in range(num_samples):
         record = {"index": index, "row": dataset.row_of(index)}
+        if hasattr(dataset, "dataset_of"):  # a weighted blend: which dataset the row is from
+            record["dataset"] = dataset.dataset_of(index)
         branches = dataset.branches(index)
         for name, branch in zip(names, branches, strict=True):
             entry = {key: value.tolist() for key, value in branch.items()}

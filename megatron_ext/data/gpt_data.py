@@ -17,6 +17,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 
 from megatron_ext import parallel
 from megatron_ext.data.samples import AnnotatedGPTDataset, SampleConfig
+from megatron_ext.data.whole_documents import WholeDocumentDataset
 from megatron_ext.errors import UserError
 
 
@@ -112,32 +113,59 @@ def build_gpt_datasets(
     # Megatron's blend builder asks for the rank even in one process (inspect_batches, tests).
     parallel.ensure_torch_distributed()
     # Every rank builds (cheap, cached on disk by rank 0 first) so each can read any sample.
-    return BlendedMegatronDatasetBuilder(AnnotatedGPTDataset, num_samples, lambda: True,
-                                         config).build()
+    dataset_class = (WholeDocumentDataset if config.document_packing == "whole"
+                     else AnnotatedGPTDataset)
+    datasets = BlendedMegatronDatasetBuilder(dataset_class, num_samples, lambda: True,
+                                             config).build()
+    if dataset_class is WholeDocumentDataset and parallel.is_rank0():
+        for summary in packing_summaries(datasets):
+            print(f" whole-document packing of {summary['dataset']} ({summary['split']}): "
+                  f"{summary['documents']} documents in {summary['windows']} windows, "
+                  f"{summary['truncated_documents']} cut to --seq-length, packing efficiency "
+                  f"{summary['packing_efficiency']:.1%}", flush=True)
+    return datasets
 
 
-def build_preference_datasets(prefix: str, tokenizer, num_samples: List[int], *, split: str,
+def packing_summaries(datasets) -> List[dict]:
+    """The whole-document packing summaries of these datasets (blends searched too)."""
+    found = []
+    for dataset in datasets:
+        parts = getattr(dataset, "datasets", [dataset]) if dataset is not None else []
+        found += [part.packing_summary for part in parts if hasattr(part, "packing_summary")]
+    return found
+
+
+def build_preference_datasets(blend, tokenizer, num_samples: List[int], *, split: str,
                               seq_length: int, num_rejected: int, packing: str,
                               position_scheme: str, target_seq_length: int, seed: int):
-    """[train, valid, test] preference datasets of the dataset at ``prefix`` (None for a split
-    nobody reads); ``num_rejected`` was filled from the data while the flags were read."""
-    from megatron_ext.data.preference_samples import (PreferenceConfig, PreferenceDataset,
-                                                      PreferenceRows, split_rows)
+    """[train, valid, test] preference datasets of ``blend`` (prefixes, weights or None; None
+    for a split nobody reads); ``num_rejected`` was filled from the data while the flags were
+    read. Several datasets are mixed by weight, sample by sample (``BlendedPreferenceDataset``)."""
+    from megatron_ext.data.preference_samples import (BlendedPreferenceDataset, PreferenceConfig,
+                                                      PreferenceDataset, PreferenceRows,
+                                                      blend_assignment, split_rows)
 
-    rows = PreferenceRows(prefix)
+    prefixes, weights = blend
     config = PreferenceConfig(
         seq_length=seq_length, num_rejected=num_rejected, layout=packing,
         position_scheme=position_scheme, target_seq_length=target_seq_length, seed=seed,
         pad_token=tokenizer.pad if tokenizer.pad is not None and tokenizer.pad >= 0 else tokenizer.eod)
+    all_rows = [PreferenceRows(prefix) for prefix in prefixes]
     datasets = []
-    for name, part, count in zip(SPLIT_NAMES, split_rows(len(rows), split), num_samples):
+    for split_index, (name, count) in enumerate(zip(SPLIT_NAMES, num_samples)):
         if count <= 0:
             datasets.append(None)
             continue
-        if len(part) == 0:
-            raise UserError(f"--split {split} gives the {name} split of {rows.prefix} no rows "
-                             f"(it has {len(rows)}); raise the {name} share of --split")
-        datasets.append(PreferenceDataset(rows, part, count, config, name))
+        sources, counts = blend_assignment(weights or [1.0], count)
+        parts = []
+        for rows, needed in zip(all_rows, counts):
+            part = split_rows(len(rows), split)[split_index]
+            if len(part) == 0:
+                raise UserError(f"--split {split} gives the {name} split of {rows.prefix} no "
+                                f"rows (it has {len(rows)}); raise the {name} share of --split")
+            parts.append(PreferenceDataset(rows, part, max(1, needed), config, name))
+        datasets.append(parts[0] if len(parts) == 1
+                        else BlendedPreferenceDataset(parts, sources, count))
     return datasets
 
 

@@ -30,6 +30,8 @@ import numpy as np
 from megatron_ext.errors import UserError
 
 SCHEMES = ("contiguous", "pose", "longrecipe", "logo")
+# Schemes that spread a sample's ids over a longer window T (the rest keep them contiguous).
+SKIP_WISE = ("pose", "longrecipe")
 
 
 def contiguous(length: int) -> np.ndarray:

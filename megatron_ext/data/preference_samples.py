@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -75,6 +75,15 @@ class PreferenceRows:
 
     def __len__(self) -> int:
         return len(self.sequence_bounds) - 1
+
+    def fingerprint(self) -> str:
+        """Identifies the dataset's content (its index file and token count): a file of
+        per-row values computed from another dataset is refused by comparing this."""
+        import hashlib
+
+        with open(self.prefix + ".idx", "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        return f"{digest[:32]}:{int(self.sequence_lengths.sum())}"
 
     def answers_per_row(self) -> np.ndarray:
         return np.diff(self.sequence_bounds) - 1
@@ -210,6 +219,21 @@ def build_sample(row: PreferenceRow, positions: np.ndarray, layout: str, seq_len
 # The dataset training reads
 # ------------------------------------------------------------------------------------------------
 
+def blend_assignment(weights: Sequence[float], num_samples: int
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """(dataset of each sample, samples per dataset): sample i goes to the dataset furthest
+    behind its share (Megatron's blending rule), so any prefix of the samples follows the
+    weights as closely as whole samples can."""
+    shares = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    counts = np.zeros(len(shares), dtype=np.int64)
+    sources = np.empty(num_samples, dtype=np.int64)
+    for i in range(num_samples):
+        k = int(np.argmax(shares * (i + 1) - counts))
+        sources[i] = k
+        counts[k] += 1
+    return sources, counts
+
+
 def split_rows(num_rows: int, split: str) -> List[np.ndarray]:
     """Row indices of the train / valid / test parts of ``--split`` (Megatron's rounding)."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
@@ -282,6 +306,45 @@ class PreferenceDataset:
                                 self.config.target_seq_length, rng)
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-        row = self.data.row(self.row_of(index), self.config.num_rejected)
-        return build_sample(row, self._positions(row, index), self.config.layout,
-                            self.config.seq_length, self.config.pad_token)
+        row_index = self.row_of(index)
+        row = self.data.row(row_index, self.config.num_rejected)
+        sample = build_sample(row, self._positions(row, index), self.config.layout,
+                              self.config.seq_length, self.config.pad_token)
+        # Which row of the dataset this is: offline reference log-probs are looked up by it.
+        sample["row"] = np.array(row_index, dtype=np.int64)
+        return sample
+
+
+class BlendedPreferenceDataset:
+    """Several preference datasets mixed by weight: sample i is the next unread sample of the
+    dataset ``sources[i]`` (``blend_assignment``); each part keeps its own order and positions."""
+
+    def __init__(self, parts: Sequence[PreferenceDataset], sources: np.ndarray, num_samples: int):
+        self.parts, self.sources = list(parts), np.asarray(sources, dtype=np.int64)
+        self.num_samples = int(num_samples)
+        # Sample i's index inside its part: how many earlier samples went to the same part.
+        self.offsets = np.zeros(len(self.sources), dtype=np.int64)
+        seen = np.zeros(len(self.parts), dtype=np.int64)
+        for i, k in enumerate(self.sources):
+            self.offsets[i], seen[k] = seen[k], seen[k] + 1
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _locate(self, index: int) -> Tuple[PreferenceDataset, int]:
+        return self.parts[int(self.sources[index])], int(self.offsets[index])
+
+    def dataset_of(self, index: int) -> str:
+        return self._locate(index)[0].data.prefix
+
+    def row_of(self, index: int) -> int:
+        part, offset = self._locate(index)
+        return part.row_of(offset)
+
+    def branches(self, index: int) -> List[Dict[str, np.ndarray]]:
+        part, offset = self._locate(index)
+        return part.branches(offset)
+
+    def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
+        part, offset = self._locate(index)
+        return part[offset]

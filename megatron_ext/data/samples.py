@@ -6,10 +6,13 @@ very same document/sample/shuffle indices, and then:
 
   packed documents  document ids and per-document positions from the recorded document ends
                     (EOD tokens when a dataset has no flags file); targets across a document end
-                    are masked.
+                    are masked. With a skip-wise scheme each document (each piece of one, where a
+                    window cuts it) gets its own ids over [0, T), as if it were trained alone.
   position scheme   contiguous, pose or longrecipe ids (``position_schemes.py``), drawn from a
                     generator seeded by (seed, dataset, sample index): every TP/CP rank and every
-                    rerun computes the same ids.
+                    rerun computes the same ids. Without packing, one set of ids spans the whole
+                    window (only with --positions-across-documents: the window may hold several
+                    unrelated documents).
   sft               loss only on assistant tokens (conversations preprocessed from chat rows).
 
 Everything stays a function of the sample index, so resuming needs no loader state.
@@ -39,6 +42,10 @@ class SampleConfig(GPTDatasetConfig):
     longrecipe_contiguous_prefix: bool = False
     packed_documents: bool = False
     sft: bool = False
+    # "stream": Megatron's windows cut from the concatenated documents; "whole": every window
+    # holds whole documents (whole_documents.py); a longer document is cut or refused.
+    document_packing: str = "stream"
+    overlong_documents: str = "truncate"
 
 
 class AnnotatedGPTDataset(GPTDataset):
@@ -100,24 +107,44 @@ class AnnotatedGPTDataset(GPTDataset):
             raise ValueError(f"flags window of {len(flags)} for a sample of {length} tokens; the "
                              "loader needs add_extra_token_to_sequence")
         target = self.config.target_seq_length or length
+        segment_ends = None if flags is None else (flags[:-1] & token_flags.SEGMENT_END) != 0
+        rng = position_schemes.sample_rng(self.config.random_seed, self._stream,
+                                          -1 if idx is None else int(idx))
         if self.config.packed_documents:
             self._pack(sample, flags)
+            if self.config.position_scheme != "contiguous":
+                sample["position_ids"] = self._per_document_positions(
+                    sample["document_ids"].numpy(), segment_ends, target, rng, idx)
         elif self.config.position_scheme != "contiguous":
-            segment_ends = None if flags is None else (flags[:-1] & token_flags.SEGMENT_END) != 0
-            rng = position_schemes.sample_rng(self.config.random_seed, self._stream,
-                                              -1 if idx is None else int(idx))
-            ids = position_schemes.position_ids(
-                self.config.position_scheme, target, rng, length, segment_ends,
-                self.config.pose_num_chunks, self.config.longrecipe_contiguous_prefix)
-            if ids[-1] >= target:  # ids increase: the last is the largest
-                raise UserError(f"sample {idx}: position id {int(ids[-1])} is beyond "
-                                 f"--target-seq-length {target}")
+            ids = self._scheme_ids(length, segment_ends, target, rng, idx)
             sample["position_ids"] = torch.from_numpy(ids)
         # contiguous: GPTDataset's own 0..n-1
         if self.config.sft:
             is_target = (flags[1:] & token_flags.TARGET) != 0
             sample["loss_mask"] = sample["loss_mask"] * torch.from_numpy(is_target).float()
         return sample
+
+    def _scheme_ids(self, length: int, segment_ends: Optional[np.ndarray], target: int,
+                    rng: np.random.Generator, idx) -> np.ndarray:
+        ids = position_schemes.position_ids(
+            self.config.position_scheme, target, rng, length, segment_ends,
+            self.config.pose_num_chunks, self.config.longrecipe_contiguous_prefix)
+        if ids[-1] >= target:  # ids increase: the last is the largest
+            raise UserError(f"sample {idx}: position id {int(ids[-1])} is beyond "
+                             f"--target-seq-length {target}")
+        return ids
+
+    def _per_document_positions(self, document_ids: np.ndarray,
+                                segment_ends: Optional[np.ndarray], target: int,
+                                rng: np.random.Generator, idx) -> torch.Tensor:
+        """The scheme's ids drawn for every document piece on its own, in window order."""
+        starts = np.flatnonzero(np.diff(document_ids, prepend=-1))
+        bounds = np.append(starts, len(document_ids))
+        pieces = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            ends = None if segment_ends is None else segment_ends[start:end]
+            pieces.append(self._scheme_ids(int(end - start), ends, target, rng, idx))
+        return torch.from_numpy(np.concatenate(pieces))
 
     def _pack(self, sample: Dict[str, torch.Tensor], flags: Optional[np.ndarray]) -> None:
         if flags is not None:

@@ -32,6 +32,11 @@ class LanguageModeling:
         # SFT packs whole conversations and keeps them apart with document masks.
         args.packed_documents = (args.packed_documents or args.reset_attention_mask
                                  or self.name == "sft")
+        if args.document_packing is None:
+            args.document_packing = "whole" if self.name == "sft" else "stream"
+        if args.document_packing == "whole" and not args.packed_documents:
+            raise ArgumentError("--document-packing whole keeps documents apart in a window: "
+                                "add --packed-documents")
 
     def config(self, args) -> ObjectiveConfig:
         return ObjectiveConfig(self.name)  # its flags are the data section's
@@ -49,6 +54,8 @@ class LanguageModeling:
             target_seq_length=data.target_seq_length,
             pose_num_chunks=data.pose_num_chunks,
             longrecipe_contiguous_prefix=data.longrecipe_contiguous_prefix,
+            document_packing=data.document_packing,
+            overlong_documents=data.overlong_documents,
         )
 
     def build(self, cfg: RunConfig, device):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -38,6 +38,8 @@ LOSS_KEY = "preference loss"
 class PreferenceObjective:
     device: torch.device
     loss_config: PreferenceLossConfig
+    # dpo / ipo: the reference's (sums, means) [rows, 1 + M] from --reference-logps.
+    reference: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     loss_key: str = LOSS_KEY
     metrics: tuple = METRICS
 
@@ -64,7 +66,7 @@ class PreferenceObjective:
         rows = torch.nonzero(score_branch >= 0).view(-1)
         scored = {"rows": rows % batch_size, "branches": score_branch[rows],
                   "labels": local["labels"].t().reshape(-1)[rows],
-                  "counts": counts.to(self.device)}
+                  "counts": counts.to(self.device), "row_ids": batch["row"]}
         masks = DocumentMaskParams.for_tokens(local["document_ids"], seq_length,
                                               branch_ids=local["branch_ids"])
         with self.output_rows.only(model, rows):
@@ -78,7 +80,10 @@ class PreferenceObjective:
         sums = answer_log_prob_sums(-token_losses, scored["rows"], scored["branches"], batch_size,
                                     self.num_branches,
                                     parallel_state.get_context_parallel_group())
-        per_row = preference_losses(sums / scored["counts"], self.loss_config)
+        reference = None
+        if self.reference is not None:
+            reference = tuple(t[scored["row_ids"]].to(sums) for t in self.reference)
+        per_row = preference_losses(sums / scored["counts"], self.loss_config, sums, reference)
         # Every CP rank back-propagates the same loss through its own tokens; CP rank 0 alone
         # counts the rows and reports them, so nothing is counted twice.
         owner = parallel_state.get_context_parallel_rank() == 0
