@@ -24,7 +24,7 @@ from megatron_ext import arguments, objectives, parallel
 from megatron_ext.checkpoints import checkpointing
 from megatron_ext.config import RunConfig
 from megatron_ext.data.gpt_data import BatchLayout, MicroBatchIterator
-from megatron_ext.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.errors import UserError, report
 from megatron_ext.evaluate import training_hook
 from megatron_ext.losses import reduce_reports
@@ -120,7 +120,9 @@ def setup(cfg: RunConfig, plat) -> TrainingSetup:
     set_seeds(training.seed)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     # The embedding rows are known only now: a new config, not an edit of the parsed one.
-    cfg = cfg.with_vocab(embedding_rows(cfg, tokenizer))
+    cfg = cfg.with_vocab(checkpointing.embedding_rows(
+        cfg.checkpoint.load, tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
+        cfg.layout.tp))
     model, optimizer, scheduler = build_model_and_optimizer(cfg, device, plat.is_cpu)
 
     iteration, consumed = 0, 0
@@ -149,22 +151,6 @@ def setup(cfg: RunConfig, plat) -> TrainingSetup:
     objective = objectives.get(cfg.objective.name).build(cfg, device)
     return TrainingSetup(cfg, model, optimizer, scheduler, objective, train_ds, valid_ds, layout,
                          iteration)
-
-
-def embedding_rows(cfg: RunConfig, tokenizer) -> int:
-    """Padded vocabulary: the tokenizer's, or a loaded checkpoint's when that is larger."""
-    rows = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                             cfg.layout.tp)
-    load = cfg.checkpoint.load
-    saved = checkpointing.saved_padded_vocab_size(load) if load else None
-    if saved is not None and saved != rows:
-        if saved < tokenizer.vocab_size or saved % cfg.layout.tp:
-            raise checkpointing.CheckpointError(
-                f"--load {cfg.checkpoint.load} has {saved} embedding rows, which cannot serve the "
-                f"{tokenizer.vocab_size}-token --tokenizer-model under "
-                f"--tensor-model-parallel-size {cfg.layout.tp}")
-        rows = saved
-    return rows
 
 
 def run_schedule(s: TrainingSetup, data_iterator, forward_only: bool) -> Dict[str, float]:

@@ -82,6 +82,7 @@ def test_finalize_returns_a_frozen_config(demo_data):
 # Modules that read flags (the edge) may fill the parsed namespace; nothing else may assign
 # to a configuration object's attributes.
 EDGE_MODULES = {"arguments.py", os.path.join("evaluate", "cli.py"),
+                os.path.join("commands", "reference_logps.py"),  # fixes its scoring flags
                 os.path.join("objectives", "language_model.py"),
                 os.path.join("objectives", "preference.py")}
 

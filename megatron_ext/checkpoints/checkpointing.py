@@ -216,6 +216,24 @@ def remove_old_checkpoints(root: str, keep_last: int) -> List[str]:
     return removed
 
 
+def embedding_rows(load: Optional[str], tokenizer_vocab_size: int, divisible_by: int,
+                   tensor_parallel_size: int) -> int:
+    """Padded vocabulary: the tokenizer's, or the checkpoint under ``load``'s when that differs
+    (and can serve the tokenizer under this TP size)."""
+    from megatron_ext.data.tokenizer import padded_vocab_size
+
+    rows = padded_vocab_size(tokenizer_vocab_size, divisible_by, tensor_parallel_size)
+    saved = saved_padded_vocab_size(load) if load else None
+    if saved is not None and saved != rows:
+        if saved < tokenizer_vocab_size or saved % tensor_parallel_size:
+            raise CheckpointError(
+                f"--load {load} has {saved} embedding rows, which cannot serve the "
+                f"{tokenizer_vocab_size}-token --tokenizer-model under "
+                f"--tensor-model-parallel-size {tensor_parallel_size}")
+        rows = saved
+    return rows
+
+
 def saved_padded_vocab_size(root: str) -> Optional[int]:
     """The embedding rows of the checkpoint --load would read (None: no checkpoint there).
 

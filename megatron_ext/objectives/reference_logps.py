@@ -134,7 +134,6 @@ def compute(cfg, output: str, progress: bool = True) -> Dict:
     from megatron_ext.model import build_model, transformer_config
     from megatron_ext.model.attention_backends import plan_attention
     from megatron_ext.objectives.preference_loss import PreferenceLossConfig
-    from megatron_ext.train import embedding_rows
 
     start = time.perf_counter()
     options = cfg.objective.options
@@ -144,7 +143,9 @@ def compute(cfg, output: str, progress: bool = True) -> Dict:
     try:
         device = plat.device(torch.cuda.current_device() if not plat.is_cpu else 0)
         tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-        cfg = cfg.with_vocab(embedding_rows(cfg, tokenizer))
+        cfg = cfg.with_vocab(checkpointing.embedding_rows(
+            cfg.checkpoint.load, tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
+            cfg.layout.tp))
         config = transformer_config(cfg.model, cfg.layout, plat.is_cpu)
         config.perform_initialization = False  # every weight comes from the checkpoint
         plan = plan_attention(cfg.model, cfg.layout, plat.is_cpu, training=False,
