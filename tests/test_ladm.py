@@ -19,10 +19,10 @@ import torch
 from dev import assets
 from megatron_ext.selection.ladm import selection
 from megatron_ext.selection.ladm.delta_ppl import (ProlongScorer, ProlongSettings, lds_from_perplexities,
-                                         sample_pairs)
+                                                   sample_pairs)
 from megatron_ext.selection.ladm.reference import reference_layer_scores
 from megatron_ext.selection.ladm.scoring import (CdsScorer, CdsSettings, min_scorable_length, plan_spans,
-                                       probe_layer_scores)
+                                                 probe_layer_scores)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
@@ -230,7 +230,8 @@ def test_score_rows_and_unscorable_documents(uninterrupted, docs_jsonl, capsys):
 def test_resume_after_kill_gives_the_uninterrupted_output(tmp_path, tiny_model_dir, docs_jsonl,
                                                           uninterrupted, capsys):
     out = tmp_path / "scores.jsonl"
-    cmd = [sys.executable, os.path.join(REPO_ROOT, "tests", "ladm_kill_worker.py"), "4", "score",
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "tests", "append_kill_worker.py"), "ladm_select",
+           "4", "score",
            "--model", tiny_model_dir, "--input", docs_jsonl, "--output", str(out), *SCORE_FLAGS]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -184,8 +184,8 @@ def test_resume_after_sigkill_is_identical(built, smollm2_dir, tmp_path):
     qa, full = built
     out = tmp_path / "logo.jsonl"
     args = ["--input", qa, "--output", str(out), "--model", smollm2_dir] + FLAGS
-    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tests", "logo_kill_worker.py"),
-                           "1"] + args, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tests", "append_kill_worker.py"),
+                           "build_logo_data", "1"] + args, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1",
                                "PYTHONPATH": REPO_ROOT})
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -188,9 +188,8 @@ def _config_differences(first: str, other: str) -> List[str]:
 def merge_hf(inputs: List[str], weights: List[float], output: str,
              dtype: Optional[torch.dtype], max_shard_size: str, progress: bool,
              warn: Warn) -> dict:
-    from megatron_ext.checkpoints.convert.hf_io import (INDEX_FILE, HFCheckpointReader,
-                                            SafetensorsShardWriter, copy_tokenizer_files,
-                                            parse_size)
+    from megatron_ext.checkpoints.convert.hf_io import (
+        INDEX_FILE, HFCheckpointReader, SafetensorsShardWriter, copy_tokenizer_files, parse_size)
 
     readers = [HFCheckpointReader(p) for p in inputs]
     reference = readers[0].shapes()
@@ -290,35 +289,18 @@ def _checkpoint_shapes(state_dict_shapes: Dict[str, Tuple[int, ...]]) -> Dict[st
     return {k: (layers[k], *shape) if k in layers else shape for k, shape in out.items()}
 
 
-class _AveragingMaterializer:
-    """(checkpoint key, chunk offset, chunk sizes, dtype) -> that chunk of the weighted sum.
+def _averaging_materializer(readers, weights: List[float], on_tensor: Callable[[], None]):
+    """Checkpoint chunks of the weighted sum of the inputs' tensors (one tensor at a time)."""
+    from megatron_ext.checkpoints.convert.megatron_ckpt import TensorMaterializer
 
-    Keeps the last tensor it built: Megatron saves some tensors (linear_fc1) as several chunks.
-    """
+    class Averaging(TensorMaterializer):
+        error = MergeError
 
-    def __init__(self, readers, weights: List[float], on_tensor: Callable[[], None]):
-        self.readers, self.weights, self.on_tensor = readers, weights, on_tensor
-        self._cached: Optional[Tuple[str, torch.dtype]] = None
-        self._tensor: Optional[torch.Tensor] = None
+        def build(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+            tensors = [reader.read([name])[name] for reader in readers]
+            return weighted_sum(tensors, weights, dtype)
 
-    def __call__(self, key: str, offset: Tuple[int, ...], sizes: Tuple[int, ...],
-                 dtype: torch.dtype) -> torch.Tensor:
-        from megatron_ext.checkpoints.convert.tables import state_dict_name
-
-        layer, inner_offset, inner_sizes = None, offset, sizes
-        if key.startswith("decoder.layers."):
-            if sizes[0] != 1:
-                raise MergeError(f"{key}: expected one layer per chunk, got {sizes}")
-            layer, inner_offset, inner_sizes = offset[0], offset[1:], sizes[1:]
-        name = state_dict_name(key, layer)
-        if self._cached != (name, dtype):
-            self._cached, self._tensor = None, None
-            tensors = [reader.read([name])[name] for reader in self.readers]
-            self._tensor = weighted_sum(tensors, self.weights, dtype)
-            self._cached = (name, dtype)
-            self.on_tensor()
-        region = self._tensor[tuple(slice(o, o + s) for o, s in zip(inner_offset, inner_sizes))]
-        return region.reshape(sizes)
+    return Averaging(on_tensor)
 
 
 def _model_for(model_args: dict, dtype: torch.dtype):
@@ -349,8 +331,8 @@ def merge_megatron(inputs: List[str], weights: List[float], output: str,
     from megatron_ext.checkpoints.checkpointing import CheckpointError
     from megatron_ext.checkpoints.convert.hf_config import ConversionError
     from megatron_ext.checkpoints.convert.megatron_ckpt import (MegatronCheckpointReader, build_meta_model,
-                                                    read_extra_file, single_process_group,
-                                                    tensor_shapes, write_release)
+                                                                read_extra_file, single_process_group,
+                                                                tensor_shapes, write_release)
 
     with single_process_group():
         try:
@@ -388,7 +370,7 @@ def merge_megatron(inputs: List[str], weights: List[float], output: str,
             extra["hf_config.json"] = hf_config
         bar = tqdm(total=len(state_shapes), unit="tensor", desc="merge", disable=not progress,
                    file=sys.stderr)
-        materialize = _AveragingMaterializer(readers, weights, lambda: bar.update(1))
+        materialize = _averaging_materializer(readers, weights, lambda: bar.update(1))
         release_dir = write_release(output, model, model_config, materialize, extra)
         bar.close()
 

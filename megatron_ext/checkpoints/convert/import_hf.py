@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -23,55 +23,31 @@ from tqdm import tqdm
 from megatron_ext.checkpoints.convert import engine
 from megatron_ext.checkpoints.convert.architecture import model_flags
 from megatron_ext.checkpoints.convert.hf_config import (ConversionError, ModelSpec, check_layout,
-                                            padded_vocab_size, read_hf_config)
+                                                        padded_vocab_size, read_hf_config)
 from megatron_ext.checkpoints.convert.hf_io import HFCheckpointReader
-from megatron_ext.checkpoints.convert.megatron_ckpt import (build_meta_model, converted_model,
-                                                dtype_from_name, single_process_group,
-                                                tensor_shapes, write_release)
-from megatron_ext.checkpoints.convert.tables import state_dict_name
+from megatron_ext.checkpoints.convert.megatron_ckpt import (TensorMaterializer, build_meta_model,
+                                                            converted_model, dtype_from_name,
+                                                            single_process_group, tensor_shapes,
+                                                            write_release)
 
 _ST_TO_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-class _Materializer:
-    """(checkpoint key, chunk offset, chunk sizes) -> that chunk, built from the HF tensors.
-
-    Keeps the last Megatron tensor it built: Megatron saves linear_fc1 as two chunks ([gate; up]),
-    which then cost one build.
-    """
+class _Materializer(TensorMaterializer):
+    """Checkpoint chunks built from the HF tensors by the family's table rules."""
 
     def __init__(self, spec: ModelSpec, reader: HFCheckpointReader, shapes: Dict[str, tuple],
                  on_new_tensor):
+        super().__init__(on_new_tensor)
         self.spec, self.reader, self.shapes = spec, reader, shapes
         self.by_name = {m.megatron: m for m in engine.mappings(spec)}
-        self.on_new_tensor = on_new_tensor
-        self._name: Optional[Tuple[str, torch.dtype]] = None
-        self._tensor: Optional[torch.Tensor] = None
 
-    def __call__(self, key: str, offset: Tuple[int, ...], sizes: Tuple[int, ...],
-                 dtype: torch.dtype) -> torch.Tensor:
-        layer, inner_offset, inner_sizes = None, offset, sizes
-        if key.startswith("decoder.layers."):
-            if sizes[0] != 1:
-                raise ConversionError(f"{key}: expected one layer per chunk, got {sizes}")
-            layer, inner_offset, inner_sizes = offset[0], offset[1:], sizes[1:]
-        full = self._full(state_dict_name(key, layer), dtype)
-        region = full[tuple(slice(o, o + s) for o, s in zip(inner_offset, inner_sizes))]
-        return region.reshape(sizes)
-
-    def _full(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        # The model decides each tensor's dtype (with --bf16 Megatron keeps RMSNorm weights fp32).
-        if (name, dtype) != self._name:
-            self._name, self._tensor = None, None  # drop the previous group before building
-            mapping = self.by_name.get(name)
-            if mapping is None:
-                raise ConversionError(f"no {self.spec.family.name} table rule produces {name}")
-            parts = [self.reader.get(n) for n in mapping.hf]
-            self._tensor = engine.to_megatron(mapping, parts, self.shapes[name], self.spec, dtype)
-            del parts
-            self._name = (name, dtype)
-            self.on_new_tensor()
-        return self._tensor
+    def build(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        mapping = self.by_name.get(name)
+        if mapping is None:
+            raise ConversionError(f"no {self.spec.family.name} table rule produces {name}")
+        parts = [self.reader.get(n) for n in mapping.hf]
+        return engine.to_megatron(mapping, parts, self.shapes[name], self.spec, dtype)
 
 
 def _flag_lines(flags: List[str]) -> List[str]:

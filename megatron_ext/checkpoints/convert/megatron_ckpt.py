@@ -37,7 +37,7 @@ from megatron_ext.config import ModelConfig
 from megatron_ext.checkpoints.convert import architecture
 from megatron_ext.checkpoints.convert.hf_config import ConversionError, ModelSpec
 from megatron_ext.parallel.layout import Layout
-from megatron_ext.checkpoints.convert.tables import checkpoint_key
+from megatron_ext.checkpoints.convert.tables import checkpoint_key, state_dict_name
 
 # (checkpoint key, chunk offset, chunk sizes, dtype) -> the chunk
 Materialize = Callable[[str, Tuple[int, ...], Tuple[int, ...], torch.dtype], torch.Tensor]
@@ -115,6 +115,43 @@ def tensor_shapes(model) -> Dict[str, Tuple[int, ...]]:
 # ------------------------------------------------------------------------------------------
 # Streaming save
 # ------------------------------------------------------------------------------------------
+
+class TensorMaterializer:
+    """A ``Materialize``: (checkpoint key, chunk offset, chunk sizes, dtype) -> that chunk, cut
+    from one whole state-dict tensor that ``build(name, dtype)`` produces (from HF tensors for
+    import, a weighted sum of checkpoints for merging).
+
+    Layer-stacked keys ``decoder.layers.*`` are written one layer per chunk; the last tensor built
+    is kept because Megatron saves some (linear_fc1) as several chunks, which then cost one build.
+    Only one tensor is held at a time.
+    """
+
+    error = ConversionError  # what a malformed request raises (subclasses use their own type)
+
+    def __init__(self, on_tensor: Callable[[], None] = lambda: None):
+        self.on_tensor = on_tensor
+        self._built: Optional[Tuple[str, torch.dtype]] = None
+        self._tensor: Optional[torch.Tensor] = None
+
+    def build(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, key: str, offset: Tuple[int, ...], sizes: Tuple[int, ...],
+                 dtype: torch.dtype) -> torch.Tensor:
+        layer, inner_offset, inner_sizes = None, offset, sizes
+        if key.startswith("decoder.layers."):
+            if sizes[0] != 1:
+                raise self.error(f"{key}: expected one layer per chunk, got {sizes}")
+            layer, inner_offset, inner_sizes = offset[0], offset[1:], sizes[1:]
+        name = state_dict_name(key, layer)
+        # The model decides each tensor's dtype (with --bf16 Megatron keeps RMSNorm weights fp32).
+        if (name, dtype) != self._built:
+            self._built, self._tensor = None, None  # drop the previous tensor before building
+            self._tensor = self.build(name, dtype)
+            self._built = (name, dtype)
+            self.on_tensor()
+        region = self._tensor[tuple(slice(o, o + s) for o, s in zip(inner_offset, inner_sizes))]
+        return region.reshape(sizes)
 
 class _MaterializingPlanner(MCoreSavePlanner):
     """Megatron's save planner, except tensors are produced on demand by ``materialize``."""
