@@ -531,7 +531,7 @@ def test_reference_files_are_checked(dpo_setup, pref_data, tmp_path):
     from megatron_ext.errors import ArgumentError
 
     root, init, args, files, policy, _ = dpo_setup
-    base = [*args, "--train-iters", "1"]
+    base = [*args, "--train-iters", "1", "--lr-warmup-iters", "0"]
     with pytest.raises(ArgumentError, match="tools/reference_logps.py"):
         finalize([*base, "--preference-loss", "dpo"])
     with pytest.raises(ArgumentError, match="--position-scheme contiguous"):
