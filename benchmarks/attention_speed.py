@@ -65,7 +65,7 @@ if _REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.machine import cpu_description  # noqa: E402
+from benchmarks import cpu_description  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_ext.model.cp_attention import (  # noqa: E402

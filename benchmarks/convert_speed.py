@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import cpu_description  # noqa: E402
 
 TIME_GOAL, RSS_FACTOR = 1.5, 1.2
 
@@ -192,16 +193,6 @@ def bench_model(label: str, hf_dir: str, work: str, repeats: int) -> dict:
     }
 
 
-def device() -> str:
-    cpu = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,7 +230,7 @@ def main() -> int:
         print(" | ".join(str(row[c]) for c in cols))
     ratio = max(max(r["import_ratio"], r["export_ratio"]) for r in rows)
     print(json.dumps({"benchmark": "convert_speed", "ratio": ratio, "goal": TIME_GOAL,
-                      "rss_ok": all(r["rss_ok"] for r in rows), "device": device(),
+                      "rss_ok": all(r["rss_ok"] for r in rows), "device": cpu_description(),
                       "models": rows}))
     return 0
 

@@ -54,7 +54,7 @@ if _REPO_ROOT not in sys.path:  # `torchrun benchmarks/cp_attention.py` puts ben
 
 import torch  # noqa: E402
 
-from benchmarks.machine import cpu_description  # noqa: E402
+from benchmarks import cpu_description  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 

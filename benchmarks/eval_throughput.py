@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import cpu_description  # noqa: E402
 
 GOAL = 0.8
 
@@ -125,16 +126,6 @@ def spawn(kind: str, hf_dir: str, megatron_dir: str, length: int, count: int, re
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def device() -> str:
-    cpu = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,7 +181,7 @@ def main() -> int:
     ratio = min(r["ratio"] for r in rows)
     print(json.dumps({"benchmark": "eval_throughput", "ratio": ratio, "goal": GOAL,
                       "losses_agree": all(r["loss_rel_diff"] <= 1e-4 for r in rows),
-                      "device": device(), "rows": rows}))
+                      "device": cpu_description(), "rows": rows}))
     return 0
 
 

@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import cpu_description  # noqa: E402
 
 SPEED_GOAL = 3.0
 
@@ -168,17 +169,16 @@ def memory(method: str, length: int, span: int) -> dict:
 
 
 def device_name() -> str:
-    cpu = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """The GPU that runs the scorer, or this CPU; with the load average (a shared host)."""
+    import torch
+
+    name = (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+            else cpu_description())
     try:
         load_avg = os.getloadavg()[0]
     except OSError:
         load_avg = float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, load avg {load_avg:.1f}"
+    return f"{name}, load avg {load_avg:.1f}"
 
 
 def growth(rows, method):

@@ -34,7 +34,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.machine import cpu_description  # noqa: E402
+from benchmarks import cpu_description  # noqa: E402
 from dev import assets  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "704",
