@@ -360,6 +360,8 @@ def test_bad_input_is_refused_early(smollm2_megatron, eval_jsonl, tmp_path, caps
         (["--load", str(tmp_path)], "no latest_checkpointed_iteration.txt"),
         (["--eval-data", str(tmp_path / "missing.jsonl")], "no such jsonl file"),
         (["--tensor-model-parallel-size", "2"], "--num-attention-heads (9) must be divisible"),
+        (["--keep-last-n-checkpoints", "2"], "--keep-last-n-checkpoints: evaluation writes no"),
+        (["--async-save"], "--async-save: evaluation writes no checkpoint"),
     ]
     for extra, message in cases:
         args = cli.build_parser().parse_args([*base, *extra])

@@ -73,6 +73,13 @@ def finalize(args: argparse.Namespace, world_size: int
              ) -> Tuple[ModelConfig, Layout, EvalConfig]:
     """Validate everything that can be checked before any process group exists; the model and
     layout go through training's ``arguments.model_and_layout`` (same defaults, same rules)."""
+    # Training's checkpoint flags are shared with training, but evaluation writes no checkpoint:
+    # a flag that would be ignored is refused instead.
+    for flag, value in (("--save", args.save), ("--save-interval", args.save_interval),
+                        ("--keep-last-n-checkpoints", args.keep_last_n_checkpoints),
+                        ("--async-save", args.async_save or None)):
+        if value is not None:
+            raise arguments.ArgumentError(f"{flag}: evaluation writes no checkpoint; drop it")
     lengths = parse_lengths(args.lengths)
     config = EvalConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
                         lengths=lengths, depths=parse_depths(args.depths),
