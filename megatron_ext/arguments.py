@@ -220,7 +220,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="after each successful save, delete older iter_* directories beyond the "
                         "newest N (never the one the tracker file names)")
     g.add_argument("--async-save", action="store_true",
-                   help="Megatron-LM's; refused: saves here are synchronous and atomic")
+                   help="write checkpoint shards from a forked process per rank while training "
+                        "continues; the checkpoint is renamed into place and the tracker updated "
+                        "once every rank's writer has finished (same atomicity as a normal save)")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="with --load: stop with an error when it holds no checkpoint (default: "
                         "a warning, and the run starts from random weights)")
@@ -276,10 +278,8 @@ def finalize(args: argparse.Namespace, world_size: int,
                                                      or args.save is None):
         raise ArgumentError(f"--keep-last-n-checkpoints {args.keep_last_n_checkpoints}: give N >= 1 "
                             "together with --save DIR")
-    if args.async_save:
-        raise ArgumentError("--async-save is not supported: Megatron-Core's asynchronous writer "
-                            "finishes outside the staging/rename/tracker sequence that keeps a "
-                            "killed save from damaging the last checkpoint; drop --async-save")
+    if args.async_save and args.save is None:
+        raise ArgumentError("--async-save needs --save DIR")
     if args.eval_interval and args.eval_iters <= 0:
         raise ArgumentError("--eval-interval needs --eval-iters > 0")
     if args.skip_train and args.eval_iters <= 0:

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -216,7 +217,12 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
     records = []
     window_s, window_iters = 0.0, 0  # step time only: evaluation and saving are not counted
     run_start = time.perf_counter()
+    # --async-save: Megatron-Core's queue of shard writers in flight (forked, one per rank).
+    async_saves = AsyncCallsQueue() if ckpt.save and ckpt.async_save else None
     while s.iteration < last_iter:
+        if async_saves is not None:
+            # Publishes a finished save (a collective: every rank asks at the same iteration).
+            async_saves.maybe_finalize_async_calls(blocking=False)
         lr = s.optimizer.param_groups[0]["lr"]
         step_start = time.perf_counter()
         out = train_step(s, data)
@@ -250,19 +256,32 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
                            "eval_tokens": result["tokens"]}, s.iteration, prefix="eval")
             training_hook.run_during_training(s.model, cfg, s.iteration, writer)
         if ckpt.save and ckpt.save_interval and s.iteration % ckpt.save_interval == 0:
-            save(s, writer)
+            save(s, writer, async_saves)
     if ckpt.save and (not ckpt.save_interval or s.iteration % ckpt.save_interval != 0):
-        save(s, writer)
+        save(s, writer, async_saves)
+    if async_saves is not None:
+        async_saves.maybe_finalize_async_calls(blocking=True)  # the run ends with its last save
     return records
 
 
-def save(s: TrainingSetup, writer: MetricsWriter) -> None:
-    start = time.perf_counter()
+def save(s: TrainingSetup, writer: MetricsWriter, async_saves=None) -> None:
+    """Save now (or, with --async-save, stage now and publish when the writers finish)."""
+    if async_saves is not None and async_saves.get_num_unfinalized_calls():
+        # One save in flight at a time, as in Megatron-LM: wait for the previous one.
+        async_saves.maybe_finalize_async_calls(blocking=True)
+    start, iteration = time.perf_counter(), s.iteration
+
+    def published(path: str) -> None:
+        writer.log(f" saved checkpoint at iteration {iteration} to {path} "
+                   f"({time.perf_counter() - start:.1f}s{', asynchronous' if async_saves else ''})")
+
     path = checkpointing.save(s.cfg.checkpoint.save, s.iteration, s.model, s.optimizer, s.scheduler,
                               s.iteration * s.cfg.training.global_batch_size, s.cfg.model,
-                              keep_last=s.cfg.checkpoint.keep_last_n_checkpoints)
-    writer.log(f" saved checkpoint at iteration {s.iteration} to {path} "
-               f"({time.perf_counter() - start:.1f}s)")
+                              keep_last=s.cfg.checkpoint.keep_last_n_checkpoints,
+                              async_queue=async_saves, on_published=published)
+    if async_saves is not None:
+        writer.log(f" scheduled asynchronous checkpoint at iteration {iteration} to {path} "
+                   f"({time.perf_counter() - start:.1f}s blocking)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

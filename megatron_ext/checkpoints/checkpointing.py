@@ -6,6 +6,8 @@
 
 Atomic: shards go to ``iter_XXXXXXX.tmp``, which is renamed once every rank has written, and the
 tracker file is replaced last. A crash mid-save leaves the previous checkpoint as the latest.
+``--async-save`` writes the shards from a forked process per rank and runs the same rename and
+tracker steps when all of them have finished.
 Sharded tensors carry global shapes, so a checkpoint saved under one TP/PP layout loads under
 another. Resume restores iteration, data position (consumed samples), optimizer, LR schedule and,
 when the layout is unchanged, every rank's RNG state.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -156,9 +158,19 @@ def _is_rank0() -> bool:
 
 def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, scheduler,
          consumed_samples: int, model_config: ModelConfig, tag: Optional[str] = None,
-         keep_last: Optional[int] = None) -> str:
+         keep_last: Optional[int] = None, async_queue=None,
+         on_published: Optional[Callable[[str], None]] = None) -> str:
     """Write a checkpoint for ``iteration`` atomically; returns its directory. ``keep_last``:
-    then remove all but the newest ``keep_last`` iter_* directories (never the tracker's)."""
+    then remove all but the newest ``keep_last`` iter_* directories (never the tracker's).
+
+    ``async_queue`` (--async-save; a Megatron-Core ``AsyncCallsQueue``): the shards are written
+    by a forked writer process per rank while training goes on, and the publication steps (the
+    staging directory renamed, the tracker replaced, retention) run as the request's finalize
+    step, once every rank's writer has finished - the same sequence as a synchronous save, only
+    later, so a run killed while the writers work keeps the previous checkpoint as the latest.
+    The caller drives the queue (``maybe_finalize_async_calls``); ``on_published(final_dir)`` runs
+    on every rank when the checkpoint is in place.
+    """
     final_dir = os.path.join(root, tag) if tag else iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     if _is_rank0():
@@ -178,17 +190,29 @@ def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, sch
         state["optimizer"] = optimizer.sharded_state_dict(model_sd)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, tmp_dir)
-    _barrier()
 
-    if _is_rank0():
-        with open(os.path.join(tmp_dir, "model_args.json"), "w") as f:
-            json.dump(model_record(model_config), f, indent=2)
-        publish.publish(tmp_dir, final_dir)
-        publish.write_tracker(root, tag or str(iteration))
-        if keep_last:
-            remove_old_checkpoints(root, keep_last)
-    _barrier()
+    def publish_everywhere() -> None:
+        # Every rank's shards and Megatron's metadata are complete (its own finalize step ran
+        # first and ended in a barrier); only now may the directory get its real name.
+        if _is_rank0():
+            with open(os.path.join(tmp_dir, "model_args.json"), "w") as f:
+                json.dump(model_record(model_config), f, indent=2)
+            publish.publish(tmp_dir, final_dir)
+            publish.write_tracker(root, tag or str(iteration))
+            if keep_last:
+                remove_old_checkpoints(root, keep_last)
+        _barrier()
+        if on_published is not None:
+            on_published(final_dir)
+
+    if async_queue is None:
+        dist_checkpointing.save(state, tmp_dir)
+        _barrier()
+        publish_everywhere()
+    else:
+        request = dist_checkpointing.save(state, tmp_dir, async_sharded_save=True)
+        request.add_finalize_fn(publish_everywhere)
+        async_queue.schedule_async_request(request)
     return final_dir
 
 
