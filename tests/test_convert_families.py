@@ -259,6 +259,21 @@ def test_layout_changing_hop_through_train_is_bit_exact(work, books_data):
 
 
 @pytest.mark.multiprocess
+def test_evaluation_builds_the_converted_qwen3_from_its_record(work, books_data):
+    """megatron_ext.evaluate --use-checkpoint-args: q/k norms and head_dim come from
+    model_args.json, and the weights (q/k norms included) load into that model."""
+    data_path, tokenizer_model = books_data
+    out = work / "eval_qwen3"
+    run([sys.executable, "-m", "megatron_ext.evaluate", "--load", str(work / "mg" / "qwen3"),
+         "--use-checkpoint-args", "--tokenizer-type", "SentencePieceTokenizer",
+         "--tokenizer-model", tokenizer_model, "--eval-data", data_path, "--output", str(out),
+         "--tasks", "ppl-by-position", "--lengths", "64", "--num-samples", "1",
+         "--device", "cpu", "--no-progress"])
+    model = json.loads((out / "results.json").read_text())["config"]["model"]
+    assert (model["qk_layernorm"], model["kv_channels"], model["add_qkv_bias"]) == (True, 32, False)
+
+
+@pytest.mark.multiprocess
 def test_converted_qwen3_trains_the_same_under_cp2_and_tp2(work, books_data):
     """One iteration of the converted Qwen3 (--finetune from its checkpoint) under CP=2, TP=2 and
     TP=2 + sequence parallelism equals one process: loss and every parameter's gradient, the
