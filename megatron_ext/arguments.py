@@ -76,6 +76,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for Megatron-LM compatibility; linear biases are off by default")
     g.add_argument("--add-bias-linear", action="store_true")
     g.add_argument("--add-qkv-bias", action="store_true", help="QKV bias only (Qwen2)")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="normalise queries and keys per head (over --kv-channels) before RoPE, "
+                        "with --normalization (Qwen3)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--attention-dropout", type=float, default=0.0)

@@ -46,6 +46,7 @@ ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "normalization", "norm_epsilon", "swiglu", "untie_embeddings_and_output_weights",
     "add_bias_linear", "add_qkv_bias", "rotary_base", "padded_vocab_size",
+    "qk_layernorm",
 )
 # Of those, the ones a context-extension run changes on purpose when it starts from weights
 # (--finetune): a larger static RoPE base for a longer target window.
@@ -74,6 +75,7 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
+    qk_layernorm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     make_vocab_size_divisible_by: int = 128
     # Embedding rows: the tokenizer's vocabulary padded (training), or a checkpoint's record.
     padded_vocab_size: Optional[int] = None

@@ -132,6 +132,10 @@ SMOLLM2_LIKE = {
     {**SMOLLM2_LIKE, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
      "tie_word_embeddings": False, "rope_parameters": {"rope_type": "linear", "factor": 4.0,
                                                        "rope_theta": 1e6}},
+    # Qwen3: q/k norms, head_dim 128 != hidden / heads (64)
+    {**SMOLLM2_LIKE, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+     "hidden_size": 576, "num_attention_heads": 9, "head_dim": 128,
+     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
 ])
 def test_the_table_agrees_with_the_training_flags_both_ways(hf):
     spec = read_hf_config(hf)

@@ -96,6 +96,68 @@ def test_families_and_unknown_architecture():
         read_hf_config(dict(SMOLLM2_V5, architectures=["GPT2LMHeadModel"], model_type="gpt2"))
 
 
+# Qwen3-0.6B's config.json as transformers 5 writes it (no weights needed here).
+QWEN3_V5 = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+    "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "tie_word_embeddings": True,
+    "vocab_size": 151936, "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+    "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+    "max_window_layers": 28, "layer_types": ["full_attention"] * 28, "dtype": "bfloat16",
+}
+
+
+def test_qwen3_reads_qk_norms_and_its_own_head_dim():
+    spec = read_hf_config(QWEN3_V5)
+    assert spec.family is FAMILIES["qwen3"] and spec.qk_layernorm and not spec.qkv_bias
+    assert spec.head_dim == 128 != spec.hidden_size // spec.num_attention_heads
+    flags = model_flags(QWEN3_V5)
+    assert "--qk-layernorm" in flags and "--add-qkv-bias" not in flags
+    assert flags[flags.index("--kv-channels") + 1] == "128"
+    assert "--untie-embeddings-and-output-weights" not in flags  # tied, as the small sizes are
+    shapes = engine.megatron_shapes(spec, 151936)
+    # One weight per head_dim for all query heads, one for all key heads (HF: q_norm, k_norm).
+    assert shapes["decoder.layers.27.self_attention.q_layernorm.weight"] == (128,)
+    assert shapes["decoder.layers.0.self_attention.linear_qkv.weight"] == ((16 + 2 * 8) * 128,
+                                                                           1024)
+    hf = engine.hf_shapes(spec, shapes)
+    assert hf["model.layers.3.self_attn.k_norm.weight"] == (128,)
+    assert "model.layers.0.self_attn.q_proj.bias" not in hf
+    # Llama and Qwen2 have no q/k norms.
+    assert not read_hf_config(SMOLLM2_V5).qk_layernorm and "--qk-layernorm" not in \
+        model_flags(SMOLLM2_V5)
+    # The export writes a config transformers reads back as the same model.
+    assert read_hf_config(to_hf_config(spec, QWEN3_V5)) == spec
+
+
+def test_model_args_without_hf_config_pick_the_family():
+    from megatron_ext.checkpoints.convert import architecture
+    from megatron_ext.checkpoints.checkpointing import model_record
+
+    for cfg, family in ((SMOLLM2_V5, "llama"), (QWEN3_V5, "qwen3"),
+                        (dict(SMOLLM2_V5, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
+                         "qwen2")):
+        spec = read_hf_config(cfg)
+        record = model_record(architecture.model_config(spec, padded_vocab_size=cfg["vocab_size"]))
+        assert architecture.spec_from_model_args(record).family is FAMILIES[family]
+    # Both a QKV bias and q/k norms: no Hugging Face family of ours has that.
+    record = dict(record, qk_layernorm=True)
+    with pytest.raises(ConversionError, match="reference-hf-dir"):
+        architecture.spec_from_model_args(record)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 128},
+     "mixture-of-experts"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window"),
+    ({"layer_types": ["full_attention"] * 27 + ["sliding_attention"]}, "layer_types"),
+])
+def test_qwen3_variants_out_of_scope_are_refused_by_name(change, message):
+    with pytest.raises(ConversionError, match=message):
+        read_hf_config(dict(QWEN3_V5, **change))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
     ({"rope_parameters": dict(LLAMA31_ROPE, high_freq_factor=2.0, rope_theta=1e4)},

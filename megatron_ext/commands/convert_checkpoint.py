@@ -7,7 +7,8 @@
     torchrun --nproc-per-node 3 tools/convert_checkpoint.py verify --hf-dir SmolLM2 \
         --megatron-dir ckpt/smol --tensor-model-parallel-size 3
 
-Families: Llama (incl. Llama-3.1 and linear RoPE scaling), Mistral, Qwen2.
+Families: Llama (incl. Llama-3.1 and linear RoPE scaling), Mistral, Qwen2 / Qwen2.5, Qwen3 dense
+(q/k norms). Mixture-of-experts and Qwen's sliding-window layers are refused.
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""A Llama-family Megatron-Core GPTModel: RMSNorm, SwiGLU, RoPE, GQA, optional QKV bias (Qwen2).
+"""A Llama-family Megatron-Core GPTModel: RMSNorm, SwiGLU, RoPE, GQA, optional QKV bias (Qwen2)
+and optional per-head query/key norms (Qwen3's, Megatron-Core's ``qk_layernorm``).
 
 Layer spec: Transformer Engine's on a GPU when TE works (fused linear + norm kernels),
 Megatron-Core's local spec otherwise (CPU, or GPUs without TE). Both build the same parameters, so
@@ -60,6 +61,9 @@ def transformer_config(model: ModelConfig, layout: Layout, on_cpu: bool) -> Tran
         activation_func=F.silu if model.swiglu else F.gelu,
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias or model.add_bias_linear,
+        # Also tells finalize_model_grads to sum the q/k norm weights' gradients over TP: each
+        # rank normalises only its own heads with the (replicated) weight.
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -102,13 +106,20 @@ def layer_spec(model: ModelConfig, layout: Layout, on_cpu: bool,
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     else:
-        spec = get_gpt_layer_local_spec(normalization=model.normalization)
+        spec = get_gpt_layer_local_spec(normalization=model.normalization,
+                                        qk_layernorm=model.qk_layernorm)
         if layout.sequence_parallel:
             spec.submodules.input_layernorm = SequenceParallelTorchNorm
             spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     attention = spec.submodules.self_attention.submodules
+    if model.qk_layernorm and layout.sequence_parallel and plan.layer_spec != TE_SPEC:
+        # Megatron's torch norm refuses sequence parallelism. Queries and keys are whole
+        # sequences by then (split by heads, not tokens), and the TP gradient sum this norm marks
+        # its weights for is the one q/k norms need anyway (finalize_model_grads sums once).
+        attention.q_layernorm = SequenceParallelTorchNorm
+        attention.k_layernorm = SequenceParallelTorchNorm
     if plan.backend == "blockwise":
         attention.core_attention = ModuleSpec(module=TorchContextParallelAttention,
                                               params={"max_block_size": plan.block_size})

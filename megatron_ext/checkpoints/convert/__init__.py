@@ -1,6 +1,6 @@
 """Checkpoint conversion between Hugging Face folders and Megatron-Core torch_dist checkpoints.
 
-One declarative mapping table per model family (``tables.py``: Llama, Mistral, Qwen2) with the
+One declarative mapping table per model family (``tables.py``: Llama, Mistral, Qwen2/2.5, Qwen3) with the
 tensor transforms it names (``transforms.py``), applied in either direction by ``engine.py``;
 configs are read by ``hf_config.py`` and mapped to ours by one two-way table (``architecture.py``). ``import_hf.py`` / ``export_hf.py`` stream tensors
 between safetensors (``hf_io.py``) and Megatron's torch_dist format (``megatron_ckpt.py``);

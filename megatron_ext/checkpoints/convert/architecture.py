@@ -52,7 +52,10 @@ TABLE = (
     Row("tie_word_embeddings", "untie_embeddings_and_output_weights", _negate, _negate),
     Row("rope_theta", "rotary_base", float, float),
     Row("qkv_bias", "add_qkv_bias", bool, bool),  # the family decides it on the HF side
+    Row("qk_layernorm", "qk_layernorm", bool, bool),  # likewise (Qwen3)
 )
+# Rows the HF side derives from the family rather than reads from config.json.
+FAMILY_ROWS = ("qkv_bias", "qk_layernorm")
 
 # What every supported family shares; a model config or checkpoint that differs is not ours.
 FIXED = {"normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
@@ -146,15 +149,28 @@ def spec_matches_model_args(spec: ModelSpec, model_args: Mapping[str, Any]) -> L
 
 
 def spec_from_model_args(model_args: Mapping[str, Any]) -> ModelSpec:
-    """Best effort without a HF config: Qwen2 if QKV bias else Llama; vocab stays padded."""
+    """Best effort without a HF config: Qwen3 if q/k norms, Qwen2 if QKV bias, else Llama;
+    vocab stays padded."""
     for field, value in FIXED.items():
         if field in model_args and model_args[field] != value:
             raise ConversionError(f"model_args.json has {field}={model_args[field]!r}; Hugging "
                                   f"Face Llama-family export needs {value!r}")
     values = {row.spec: row.to_spec(model_args[row.model]) for row in TABLE
-              if row.spec != "qkv_bias" and model_args.get(row.model) is not None}
+              if row.spec not in FAMILY_ROWS and model_args.get(row.model) is not None}
     if not values.get("max_position_embeddings"):
         values["max_position_embeddings"] = 2048
-    family = FAMILIES["qwen2" if model_args.get("add_qkv_bias") else "llama"]
+    family = family_from_model_args(model_args)
     return ModelSpec(family=family, vocab_size=int(model_args["padded_vocab_size"]),
                      rope_scaling=rope_to_spec(model_args), **values)
+
+
+def family_from_model_args(model_args: Mapping[str, Any]):
+    """The family whose family-decided rows (QKV bias, q/k norms) match the record's."""
+    record = {row.spec: bool(model_args.get(row.model)) for row in TABLE
+              if row.spec in FAMILY_ROWS}
+    for name in ("llama", "qwen2", "qwen3"):  # Llama first: Mistral's tensors are Llama's
+        family = FAMILIES[name]
+        if all(getattr(family, field) == value for field, value in record.items()):
+            return family
+    raise ConversionError(f"model_args.json has {record}: no supported Hugging Face family has "
+                          "that combination; pass --reference-hf-dir")

@@ -62,6 +62,9 @@ def megatron_shapes(spec: ModelSpec, padded_vocab_size: int) -> Dict[str, Shape]
     }
     if spec.qkv_bias:
         layer["self_attention.linear_qkv.bias"] = (qkv_rows,)
+    if spec.qk_layernorm:  # one weight per head_dim, shared by all heads
+        layer["self_attention.q_layernorm.weight"] = (d,)
+        layer["self_attention.k_layernorm.weight"] = (d,)
     shapes = {"embedding.word_embeddings.weight": (padded_vocab_size, h)}
     for i in range(spec.num_layers):
         shapes.update({f"decoder.layers.{i}.{k}": v for k, v in layer.items()})

@@ -55,6 +55,10 @@ class ModelSpec:
         return self.family.qkv_bias
 
     @property
+    def qk_layernorm(self) -> bool:
+        return self.family.qk_layernorm
+
+    @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 
@@ -139,6 +143,10 @@ def read_hf_config(config) -> ModelSpec:
     if cfg.get("use_sliding_window"):
         raise ConversionError("use_sliding_window=true is not supported: megatron_ext trains with "
                               "full causal attention")
+    windowed = sorted({t for t in cfg.get("layer_types") or () if t != "full_attention"})
+    if windowed:
+        raise ConversionError(f"layer_types has {windowed} layers: megatron_ext trains every "
+                              "layer with full causal attention")
     if heads % groups != 0:
         raise ConversionError(f"num_attention_heads ({heads}) is not a multiple of "
                               f"num_key_value_heads ({groups})")

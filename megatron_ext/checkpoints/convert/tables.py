@@ -59,6 +59,13 @@ QWEN2 = LLAMA + (
          f"{_LAYER}.self_attention.linear_qkv.bias", FUSE_QKV),
 )
 
+# Qwen3 (dense): no QKV bias; one RMSNorm weight per head_dim for all query heads and one for all
+# key heads (Megatron-Core's qk_layernorm), replicated across TP ranks.
+QWEN3 = LLAMA + (
+    rule(f"{_ATTN}.q_norm.weight", f"{_LAYER}.self_attention.q_layernorm.weight"),
+    rule(f"{_ATTN}.k_norm.weight", f"{_LAYER}.self_attention.k_layernorm.weight"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -68,6 +75,7 @@ class Family:
     rules: Tuple[Rule, ...]
     qkv_bias: bool = False
     default_tie: bool = False
+    qk_layernorm: bool = False
     # HF tensors that carry no weights (old checkpoints stored RoPE buffers).
     ignored_hf: str = r"\.rotary_emb\.inv_freq$"
 
@@ -78,7 +86,9 @@ class Family:
 FAMILIES: Dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", "llama", LLAMA),
     "mistral": Family("mistral", "MistralForCausalLM", "mistral", MISTRAL),
+    # Qwen2.5 checkpoints are Qwen2ForCausalLM with the same tensors: this entry reads them.
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", QWEN2, qkv_bias=True),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", "qwen3", QWEN3, qk_layernorm=True),
 }
 
 
@@ -91,6 +101,9 @@ def family_for(architectures: Optional[Sequence[str]], model_type: Optional[str]
             if family.model_type == model_type:
                 return family
     supported = ", ".join(f.architecture for f in FAMILIES.values())
+    if any("Moe" in a for a in architectures or ()) or "moe" in (model_type or ""):
+        raise ConversionError(f"{architectures or model_type!r} is a mixture-of-experts model; "
+                              f"megatron_ext trains dense models only ({supported})")
     raise ConversionError(f"unsupported architecture {architectures or model_type!r}: this "
                           f"converter has tables for {supported}")
 
