@@ -97,9 +97,15 @@ def test_families_and_unknown_architecture():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
-    ({"rope_parameters": dict(LLAMA31_ROPE, high_freq_factor=2.0, rope_theta=1e4)},
-     "high_freq_factor"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}},
+     "dynamic.*tools/rope_base.py"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}},
+     "longrope"),
+    ({"rope_parameters": dict(LLAMA31_ROPE, high_freq_factor=0.5, rope_theta=1e4)},
+     "high_freq_factor > low_freq_factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                          "original_max_position_embeddings": 4096, "mscale": 0.7}},
+     "mscale_all_dim"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_key_value_heads": 4}, "num_key_value_heads"),

@@ -121,7 +121,8 @@ def model_flags(spec_or_config, make_vocab_size_divisible_by: int = 128) -> List
     fields = model_fields(spec) | {"make_vocab_size_divisible_by": make_vocab_size_divisible_by}
     flags = list(COMPATIBILITY_FLAGS)
     for field, value in fields.items():
-        if field in MODEL_FIELD_DEFAULTS and field != "position_embedding_type" \
+        if field in MODEL_FIELD_DEFAULTS and field not in ("position_embedding_type",
+                                                           "rope_scaling_factor") \
                 and value == MODEL_FIELD_DEFAULTS[field]:
             continue  # RoPE scaling fields: only what differs from plain RoPE
         if isinstance(value, bool):
