@@ -7,7 +7,8 @@
     torchrun --nproc-per-node 3 tools/convert_checkpoint.py verify --hf-dir SmolLM2 \
         --megatron-dir ckpt/smol --tensor-model-parallel-size 3
 
-Families: Llama (incl. Llama-3.1 and linear RoPE scaling), Mistral, Qwen2.
+Families: Llama (incl. Llama-3.1 / 3.2: llama3 RoPE with any parameters, tied embeddings), Mistral,
+Qwen2 (incl. Qwen2.5's YaRN); RoPE default, linear, llama3 and yarn (dynamic NTK is refused).
 """
 
 import argparse
