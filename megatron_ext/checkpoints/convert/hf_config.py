@@ -102,7 +102,8 @@ def _read_rope(cfg: Mapping[str, Any]) -> tuple:
         return theta, {"rope_type": "linear", "factor": float(params["factor"])}
     if rope_type in ("llama3", "yarn"):
         # Any llama3 parameters and YaRN: our RoPE is computed from position ids, so it carries
-        # whatever the config says (normalized: transformers' defaults filled in).
+        # whatever the config says (normalized by RopeScaling: YaRN keys at transformers'
+        # defaults left out, as a config that omits them).
         try:
             scaling = RopeScaling.from_hf(params, cfg.get("max_position_embeddings"))
         except UserError as err:
