@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from launch import REPO_ROOT, TINY_MODEL, data_args, read_metrics, run
+from launch import TINY_MODEL, data_args, read_metrics, run
 
 pytestmark = pytest.mark.multiprocess
 
