@@ -20,6 +20,7 @@ from megatron_ext.data.blend import parse_data_path  # noqa: F401 (public: Megat
 from megatron_ext.errors import ArgumentError, UserError
 from megatron_ext.parallel.layout import Layout, launched_world_size
 from megatron_ext.model import attention_backends
+from megatron_ext.model.rope_scaling import RopeScaling
 from megatron_ext.objectives import preference
 
 
@@ -57,16 +58,43 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-length", type=int, default=512)
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="default: --seq-length")
-    g.add_argument("--position-embedding-type", choices=["rope"], default="rope")
+    g.add_argument("--position-embedding-type", choices=["rope", "yarn"], default="rope",
+                   help="yarn: YaRN RoPE scaling (HF rope_type 'yarn'; the --yarn-*, "
+                        "--rotary-scaling-factor and --mscale* flags below)")
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--use-rope-scaling", action="store_true",
-                   help="Llama-3.1-style RoPE frequency scaling (Megatron-Core's: low/high frequency "
-                        "factors 1 and 4, original context 8192)")
+                   help="Llama-3.x RoPE frequency scaling (HF llama3; low/high frequency factors "
+                        "and original context default to Megatron-Core's 1, 4 and 8192)")
     g.add_argument("--rope-scaling-factor", type=float, default=8.0,
                    help="factor for --use-rope-scaling")
     g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
                    help="linear RoPE position interpolation (HF rope_type 'linear'): positions are "
                         "divided by this factor")
+    # Llama-3 scaling's other parameters: Megatron-LM fixes them, so these three are ours.
+    g.add_argument("--rope-scaling-low-freq-factor", type=float, default=1.0,
+                   help="--use-rope-scaling's low_freq_factor (HF llama3; Megatron-LM fixes 1)")
+    g.add_argument("--rope-scaling-high-freq-factor", type=float, default=4.0,
+                   help="--use-rope-scaling's high_freq_factor (HF llama3; Megatron-LM fixes 4)")
+    g.add_argument("--rope-scaling-original-max-position-embeddings", type=int, default=8192,
+                   help="--use-rope-scaling's original context (HF llama3 "
+                        "original_max_position_embeddings; Megatron-LM fixes 8192)")
+    # YaRN: Megatron-LM's flag names (its GPT path reads them as config.yarn_*).
+    g.add_argument("--rotary-scaling-factor", type=float, default=1.0,
+                   help="YaRN scaling factor (HF factor) for --position-embedding-type yarn")
+    g.add_argument("--yarn-original-max-position-embeddings", type=int, default=None,
+                   help="YaRN: the context the model was trained for (HF "
+                        "original_max_position_embeddings); required with yarn")
+    g.add_argument("--yarn-beta-fast", type=float, default=32.0, help="YaRN beta_fast")
+    g.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN beta_slow")
+    g.add_argument("--mscale", type=float, default=1.0,
+                   help="YaRN attention temperature: factor m(s, mscale) / m(s, mscale-all-dim), "
+                        "m(s, x) = 0.1 x ln s + 1 (HF mscale; default 1 / 0 = HF's plain factor)")
+    g.add_argument("--mscale-all-dim", type=float, default=0.0, help="YaRN mscale_all_dim")
+    g.add_argument("--yarn-correction-range-round-to-int", action=argparse.BooleanOptionalAction,
+                   default=True, help="round YaRN's ramp ends to whole dimensions (HF truncate)")
+    g.add_argument("--yarn-attention-factor", type=float, default=None,
+                   help="YaRN: multiply cos / sin by this instead of the mscale rule (HF "
+                        "attention_factor; our flag, Megatron-LM has none)")
     g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=True)
@@ -337,6 +365,10 @@ def model_and_layout(args: argparse.Namespace, world_size: int) -> Tuple[ModelCo
         raise ArgumentError(f"--attention-block-size must be >= 1, got {args.attention_block_size}")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    try:  # RoPE scaling flags that contradict each other or would be ignored
+        RopeScaling.from_model_fields(args)
+    except UserError as err:
+        raise ArgumentError(str(err)) from None
     return section_from_namespace(ModelConfig, args), layout
 
 

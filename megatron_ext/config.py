@@ -69,6 +69,20 @@ class ModelConfig:
     use_rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     rotary_seq_len_interpolation_factor: Optional[float] = None
+    # Llama-3 scaling beyond Megatron-LM's fixed 1 / 4 / 8192 (our flags; model/rope_scaling.py).
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
+    # YaRN (--position-embedding-type yarn): Megatron-LM's flags, plus HF's attention_factor.
+    position_embedding_type: str = "rope"
+    rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: Optional[int] = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    yarn_correction_range_round_to_int: bool = True
+    yarn_attention_factor: Optional[float] = None
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-5
     swiglu: bool = True
@@ -91,7 +105,6 @@ class ModelConfig:
     attention_backend: str = "auto"
     attention_block_size: Optional[int] = None
     # Accepted for Megatron-LM command lines; they select nothing of their own.
-    position_embedding_type: str = "rope"
     group_query_attention: bool = False
     disable_bias_linear: bool = False
 

@@ -5,12 +5,17 @@ import sys
 
 import pytest
 
-from launch import REPO_ROOT, TINY_MODEL, data_args, read_metrics, run
+from launch import TINY_MODEL, data_args, read_metrics, run
 
 pytestmark = pytest.mark.multiprocess
 
 ARCHITECTURE = ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
                 "--num-query-groups", "--seq-length")
+
+
+YARN = ("--position-embedding-type", "yarn", "--rotary-scaling-factor", "4",
+        "--yarn-original-max-position-embeddings", "32", "--yarn-beta-fast", "16",
+        "--no-yarn-correction-range-round-to-int")
 
 
 def _without_architecture(args):
@@ -29,8 +34,9 @@ def _without_architecture(args):
 def saved(tmp_path_factory, books_data):
     root = tmp_path_factory.mktemp("ckpt-args")
     data = data_args(*books_data, cache=str(root / "index-cache"))
-    run([sys.executable, "-m", "megatron_ext.train", *TINY_MODEL, *data, "--train-iters", "2",
-         "--save", str(root / "ckpt")])
+    # Trained with YaRN (non-default keys included), so the RoPE scaling must travel too.
+    run([sys.executable, "-m", "megatron_ext.train", *TINY_MODEL, *YARN, *data,
+         "--train-iters", "2", "--save", str(root / "ckpt")])
     return root, data
 
 
@@ -45,6 +51,9 @@ def test_evaluate_takes_the_model_from_the_checkpoint(saved, books_data):
     assert (model["num_layers"], model["hidden_size"], model["ffn_hidden_size"],
             model["num_query_groups"], model["untie_embeddings_and_output_weights"]) == (
                 2, 64, 128, 2, True)
+    assert (model["position_embedding_type"], model["rotary_scaling_factor"],
+            model["yarn_original_max_position_embeddings"], model["yarn_beta_fast"],
+            model["yarn_correction_range_round_to_int"]) == ("yarn", 4.0, 32, 16.0, False)
 
 
 def test_finetune_takes_the_model_from_the_checkpoint(saved):

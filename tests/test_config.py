@@ -136,6 +136,19 @@ SMOLLM2_LIKE = {
     {**SMOLLM2_LIKE, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
      "hidden_size": 576, "num_attention_heads": 9, "head_dim": 128,
      "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    # Llama-3 scaling with non-default parameters (our --rope-scaling-* flags).
+    {**SMOLLM2_LIKE, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 16.0,
+                                         "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                                         "original_max_position_embeddings": 1024}},
+    # YaRN as Qwen2.5 ships it, and with every optional key (truncate off: a --no- flag).
+    {**SMOLLM2_LIKE, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+     "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                         "original_max_position_embeddings": 2048}},
+    {**SMOLLM2_LIKE, "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6,
+                                         "original_max_position_embeddings": 1024,
+                                         "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.5,
+                                         "mscale_all_dim": 0.5, "attention_factor": 1.25,
+                                         "truncate": False}},
 ])
 def test_the_table_agrees_with_the_training_flags_both_ways(hf):
     spec = read_hf_config(hf)

@@ -31,14 +31,21 @@ sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 from launch import run  # noqa: E402
 
-FAMILIES = ("llama", "llama_v4", "mistral", "qwen2", "qwen2.5", "qwen3")
+FAMILIES = ("llama", "llama_v4", "mistral", "qwen2", "qwen2.5", "qwen3", "llama32", "qwen2_yarn")
 LOGIT_TOL = 1e-4
-# The families added with issue 19 are held to the issue's fp32 bound.
-STRICT_LOGIT_TOL = {"qwen2.5": 1e-5, "qwen3": 1e-5}
+# The families and RoPE variants added with issue 19 are held to the issue's fp32 bound.
+STRICT_LOGIT_TOL = {"qwen2.5": 1e-5, "qwen3": 1e-5, "llama32": 1e-5, "qwen2_yarn": 1e-5}
 # Llama: vocab 32000 padded to a multiple of 512 (32256) on import, so padding is exercised.
 DIVISIBLE_BY = {"llama": 512, "llama_v4": 128, "mistral": 128, "qwen2": 128, "qwen2.5": 128,
-                "qwen3": 128}
-TP2_FAMILIES = ("llama", "mistral", "qwen2", "qwen2.5", "qwen3")
+                "qwen3": 128, "llama32": 128, "qwen2_yarn": 128}
+TP2_FAMILIES = ("llama", "mistral", "qwen2", "qwen2.5", "qwen3", "llama32", "qwen2_yarn")
+LLAMA32_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                # Off Megatron-LM's fixed 1 / 4 / 8192: a Llama-3 config trained for 1024.
+                "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                "original_max_position_embeddings": 1024}
+QWEN2_YARN_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                   "original_max_position_embeddings": 256, "beta_fast": 16.0, "beta_slow": 2.0,
+                   "mscale": 1.2, "mscale_all_dim": 0.6, "truncate": False}
 
 
 def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str) -> None:
@@ -47,7 +54,7 @@ def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str) -> None:
                               Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 0, "llama_v4": 1, "mistral": 2, "qwen2": 3, "qwen2.5": 4,
-                       "qwen3": 5}[family])
+                       "qwen3": 5, "llama32": 6, "qwen2_yarn": 7}[family])
     common = dict(vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
     if family in ("llama", "llama_v4"):  # GQA 4 heads / 2 groups, Llama-3.1 RoPE scaling
@@ -56,6 +63,13 @@ def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str) -> None:
             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 8192}))
+    elif family == "llama32":  # Llama-3.2: tied embeddings, llama3 RoPE factor 32
+        model = LlamaForCausalLM(LlamaConfig(**common, max_position_embeddings=32768,
+                                             tie_word_embeddings=True,
+                                             rope_parameters=LLAMA32_ROPE))
+    elif family == "qwen2_yarn":  # Qwen2.5-style YaRN (context 4x the original), every key
+        model = Qwen2ForCausalLM(Qwen2Config(**common, max_position_embeddings=1024,
+                                             rope_parameters=QWEN2_YARN_ROPE))
     elif family == "mistral":  # head_dim 32 != hidden / heads
         model = MistralForCausalLM(MistralConfig(**common, head_dim=32, sliding_window=4096))
     elif family == "qwen2":  # QKV bias, tied embeddings
@@ -174,6 +188,24 @@ def test_import_pads_vocab_and_writes_the_train_flags(work, roundtrip):
     assert saved["padded_vocab_size"] == 32256
     assert "--rotary-seq-len-interpolation-factor" in \
         (work / "mg" / "llama_v4" / "megatron_args.txt").read_text()
+    # YaRN and Llama-3's parameters travel as flags (Megatron-LM's names where it has them) and
+    # in model_args.json, so train / evaluate rebuild the same RoPE.
+    yarn = " ".join((work / "mg" / "qwen2_yarn" / "megatron_args.txt").read_text().split())
+    for expected in ("--position-embedding-type yarn", "--rotary-scaling-factor 4",
+                     "--yarn-original-max-position-embeddings 256", "--yarn-beta-fast 16",
+                     "--yarn-beta-slow 2", "--mscale 1.2", "--mscale-all-dim 0.6",
+                     "--no-yarn-correction-range-round-to-int"):
+        assert expected in yarn
+    llama32 = " ".join((work / "mg" / "llama32" / "megatron_args.txt").read_text().split())
+    for expected in ("--use-rope-scaling", "--rope-scaling-factor 32",
+                     "--rope-scaling-low-freq-factor 2", "--rope-scaling-high-freq-factor 8",
+                     "--rope-scaling-original-max-position-embeddings 1024"):
+        assert expected in llama32
+    assert "--untie-embeddings-and-output-weights" not in llama32  # tied, as Llama-3.2
+    record = json.loads((work / "mg" / "qwen2_yarn" / "release" / "model_args.json").read_text())
+    assert (record["position_embedding_type"], record["rotary_scaling_factor"],
+            record["yarn_original_max_position_embeddings"], record["mscale_all_dim"],
+            record["yarn_correction_range_round_to_int"]) == ("yarn", 4.0, 256, 0.6, False)
     qwen = (work / "mg" / "qwen2" / "megatron_args.txt").read_text().split()
     assert "--add-qkv-bias" in qwen and "--untie-embeddings-and-output-weights" not in qwen
     qwen3 = (work / "mg" / "qwen3" / "megatron_args.txt").read_text().split()

@@ -28,6 +28,10 @@ SMOLLM2_V5 = {
 }
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# Qwen2.5's model card (transformers-4 spelling "type"), and YaRN with an explicit factor.
+QWEN25_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+YARN_FULL = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096,
+             "attention_factor": 1.2, "beta_fast": 8.0, "truncate": False}
 
 
 def v4_layout(cfg: dict, scaling=None) -> dict:
@@ -56,7 +60,8 @@ def test_smollm2_flags_are_the_train_flags():
     assert args.rotary_base == 100000.0 and not args.use_rope_scaling
 
 
-@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 4.0}, LLAMA31_ROPE])
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 4.0}, LLAMA31_ROPE,
+                                     QWEN25_YARN, YARN_FULL])
 def test_transformers4_and_5_layouts_read_the_same(scaling):
     v5 = dict(SMOLLM2_V5,
               rope_parameters={"rope_theta": 500000.0, **(scaling or {"rope_type": "default"})})
@@ -67,11 +72,20 @@ def test_transformers4_and_5_layouts_read_the_same(scaling):
     flags = " ".join(model_flags(v4))
     if scaling is LLAMA31_ROPE:
         assert "--use-rope-scaling --rope-scaling-factor 8" in flags
+    elif scaling is QWEN25_YARN:
+        assert ("--position-embedding-type yarn --rotary-scaling-factor 4 "
+                "--yarn-original-max-position-embeddings 32768") in flags
+        assert "--mscale" not in flags and "--yarn-beta" not in flags  # transformers' defaults
+    elif scaling is YARN_FULL:
+        assert "--yarn-attention-factor 1.2" in flags and "--yarn-beta-fast 8" in flags
+        assert "--no-yarn-correction-range-round-to-int" in flags
     elif scaling:
         assert "--rotary-seq-len-interpolation-factor 4" in flags
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}, LLAMA31_ROPE])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}, LLAMA31_ROPE,
+                                     dict(LLAMA31_ROPE, low_freq_factor=2.0,
+                                          original_max_position_embeddings=1024), YARN_FULL])
 def test_export_config_keeps_rope_in_the_installed_layout(scaling):
     src = v4_layout(dict(SMOLLM2_V5, max_position_embeddings=131072,
                          rope_parameters={"rope_theta": 500000.0}), scaling)
@@ -159,9 +173,15 @@ def test_qwen3_variants_out_of_scope_are_refused_by_name(change, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
-    ({"rope_parameters": dict(LLAMA31_ROPE, high_freq_factor=2.0, rope_theta=1e4)},
-     "high_freq_factor"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}},
+     "dynamic.*tools/rope_base.py"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}},
+     "longrope"),
+    ({"rope_parameters": dict(LLAMA31_ROPE, high_freq_factor=0.5, rope_theta=1e4)},
+     "high_freq_factor > low_freq_factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                          "original_max_position_embeddings": 4096, "mscale": 0.7}},
+     "mscale_all_dim"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_key_value_heads": 4}, "num_key_value_heads"),

@@ -105,3 +105,39 @@ def test_command_line(capsys):
                              config["max_position_embeddings"], 32768, config["head_dim"])
     assert f"--rotary-base {expected:.1f} --max-position-embeddings 32768" in captured.out
     assert "dynamic" in captured.err  # the warning against dynamic scaling
+
+
+def test_yarn_factor_for_a_target_length(capsys, tmp_path):
+    """Qwen2.5's model card: 32K trained, YaRN {"factor": 4.0, "original_max_position_embeddings":
+    32768} for 131072 tokens. The printed flags parse, through the training parser, to the
+    scaling transformers reads from that rope_scaling."""
+    import rope_base
+
+    from megatron_ext import arguments
+    from megatron_ext.model.rope_scaling import RopeScaling
+
+    qwen25 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
+              "num_attention_heads": 28, "max_position_embeddings": 32768,
+              "rope_theta": 1000000.0}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(qwen25))
+    assert rope_base.main(["--hf-config", str(path), "--target-seq-length", "131072", "--yarn",
+                           "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["yarn_factor"] == 4.0 and result["rotary_base"] == 1e6
+    card = {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"}
+    assert RopeScaling.from_hf(result["hf_rope_parameters"]) == RopeScaling.from_hf(card)
+    flags = result["megatron_flags"] + ["--num-layers", "2", "--hidden-size", "64",
+                                        "--num-attention-heads", "4", "--seq-length", "128"]
+    model, _ = arguments.model_and_layout(arguments.build_parser().parse_args(flags), 1)
+    assert RopeScaling.from_model_fields(model) == RopeScaling.from_hf(card)
+    assert model.max_position_embeddings == 131072
+
+    # A length ratio that is not round travels exactly; shorter targets are refused.
+    assert rope_base.main(["--rotary-base", "1e4", "--original-seq-length", "8192",
+                           "--target-seq-length", "100000", "--yarn", "--json"]) == 0
+    flags = json.loads(capsys.readouterr().out)["megatron_flags"]
+    assert float(flags[flags.index("--rotary-scaling-factor") + 1]) == 100000 / 8192
+    assert rope_base.main(["--rotary-base", "1e4", "--original-seq-length", "8192",
+                           "--target-seq-length", "4096", "--yarn"]) == 2
+    assert "shorter than the original" in capsys.readouterr().err

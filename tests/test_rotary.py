@@ -9,13 +9,41 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron_ext.model.rotary import (
     PositionIdsRotaryEmbedding,
     RopeScaling,
+    megatron_yarn_attributes,
     rope_scaling_from_megatron,
 )
 
 HEAD_DIM = 64
 LLAMA3 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=8192)
-SCALINGS = {"default": None, "linear": RopeScaling("linear", 4.0), "llama3": LLAMA3}
+# HF rope_parameters (besides rope_theta) of each variant, and the RopeScaling we expect for it.
+HF_SCALINGS = {
+    "default": {"rope_type": "default"},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    # Llama-3 with every parameter off Megatron-LM's fixed 1 / 4 / 8192.
+    "llama3_custom": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0,
+                      "high_freq_factor": 8.0, "original_max_position_embeddings": 1024},
+    # YaRN as Qwen2.5 ships it (factor 4 over 32K), and with every optional key.
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    "yarn_mscale": {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096,
+                    "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.3, "mscale_all_dim": 0.7,
+                    "truncate": False},
+    "yarn_attention_factor": {"rope_type": "yarn", "factor": 32.0,
+                              "original_max_position_embeddings": 4096,
+                              "attention_factor": 1.17},
+}
+SCALINGS = {
+    "default": None, "linear": RopeScaling("linear", 4.0), "llama3": LLAMA3,
+    "llama3_custom": RopeScaling("llama3", 32.0, 2.0, 8.0, 1024),
+    "yarn": RopeScaling("yarn", 4.0, original_max_position_embeddings=32768),
+    "yarn_mscale": RopeScaling("yarn", 16.0, original_max_position_embeddings=4096,
+                               beta_fast=16.0, beta_slow=2.0, mscale=1.3, mscale_all_dim=0.7,
+                               truncate=False),
+    "yarn_attention_factor": RopeScaling("yarn", 32.0, original_max_position_embeddings=4096,
+                                         attention_factor=1.17),
+}
 
 
 def megatron_freqs(monkeypatch, seq_len, base, interleaved=False, **scaling_kwargs):
@@ -63,19 +91,29 @@ def hf_llama_rotary(base, scaling_name, max_positions):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    rope_parameters = {"rope_type": "default", "rope_theta": float(base)}
-    if scaling_name == "linear":
-        rope_parameters.update(rope_type="linear", factor=4.0)
-    if scaling_name == "llama3":
-        rope_parameters.update(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                               high_freq_factor=4.0, original_max_position_embeddings=8192)
+    rope_parameters = {**HF_SCALINGS[scaling_name], "rope_theta": float(base)}
     config = LlamaConfig(hidden_size=4 * HEAD_DIM, num_attention_heads=4, head_dim=HEAD_DIM,
                          max_position_embeddings=max_positions, rope_parameters=rope_parameters)
     return LlamaRotaryEmbedding(config), config
 
 
+def megatron_attention_mscale(scaling):
+    """The mscale Megatron-Core's attention passes to apply_rotary_pos_emb for a config carrying
+    the attributes PositionIdsGPTModel sets (1.0 without YaRN)."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    config = SimpleNamespace()
+    if scaling is not None and scaling.rope_type == "yarn":
+        config = SimpleNamespace(**megatron_yarn_attributes(scaling))
+    return _yarn_get_concentration_factor_from_config(config)
+
+
 @pytest.mark.parametrize("base", [10000, 500000])
-@pytest.mark.parametrize("scaling_name", ["default", "linear", "llama3"])
+@pytest.mark.parametrize("scaling_name", list(HF_SCALINGS))
 def test_matches_hf_llama_for_arbitrary_positions(base, scaling_name):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply
 
@@ -84,13 +122,19 @@ def test_matches_hf_llama_for_arbitrary_positions(base, scaling_name):
     scaling = RopeScaling.from_hf(hf_config.rope_parameters)
     assert scaling == SCALINGS[scaling_name]
     ours = PositionIdsRotaryEmbedding(HEAD_DIM, base, max_positions, scaling=scaling)
+    # The frequencies themselves: bit for bit.
+    assert torch.equal(ours.inv_freq, hf_rope.inv_freq)
+    mscale = megatron_attention_mscale(scaling)
+    assert mscale == hf_rope.attention_scaling  # YaRN's attention factor, exactly
+    if scaling_name.startswith("yarn"):
+        assert mscale != 1.0
 
     torch.manual_seed(0)
     seq_len, batch, heads = 32, 2, 4
-    # Skip-wise, per-document resets and ids far beyond the sequence length, one row each.
+    # Skip-wise, per-document resets and ids far beyond the sequence length (up to 131071).
     position_ids = torch.stack([
         torch.sort(torch.randint(0, max_positions, (seq_len,))).values,
-        torch.cat([torch.arange(12), torch.arange(20) + 100_000]),
+        torch.cat([torch.arange(12), torch.arange(19) + 100_000, torch.tensor([131071])]),
     ])
     q = torch.randn(batch, heads, seq_len, HEAD_DIM)
     k = torch.randn(batch, heads, seq_len, HEAD_DIM)
@@ -99,9 +143,11 @@ def test_matches_hf_llama_for_arbitrary_positions(base, scaling_name):
 
     freqs = ours(position_ids)
     as_sbhd = lambda t: t.permute(2, 0, 1, 3)  # [b, h, s, d] -> [s, b, h, d]
-    torch.testing.assert_close(rotate(as_sbhd(q), freqs), as_sbhd(q_hf), rtol=0, atol=1e-6)
-    torch.testing.assert_close(rotate(as_sbhd(k), freqs), as_sbhd(k_hf), rtol=0, atol=1e-6)
-    torch.testing.assert_close(torch.cos(freqs[:, :, 0]).transpose(0, 1), cos, rtol=0, atol=0)
+    rotated = lambda t: _apply_rotary_pos_emb_bshd(as_sbhd(t), freqs, mscale=mscale)
+    torch.testing.assert_close(rotated(q), as_sbhd(q_hf), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rotated(k), as_sbhd(k_hf), rtol=0, atol=1e-6)
+    torch.testing.assert_close((torch.cos(freqs[:, :, 0]) * mscale).transpose(0, 1), cos,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bad_ids", [[[0, 1, 64]], [[-1, 0, 1]]])
@@ -132,3 +178,37 @@ def test_scaling_configuration():
     assert linear == RopeScaling("linear", 2.0)
     with pytest.raises(ValueError, match="alternatives"):
         rope_scaling_from_megatron(rope_scaling=True, seq_len_interpolation_factor=2.0)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"yarn_beta_fast": 16.0}, "--yarn-beta-fast set but read only with --position-embedding-type"),
+    ({"rope_scaling_original_max_position_embeddings": 1024},
+     "--rope-scaling-original-max-position-embeddings set but read only with --use-rope-scaling"),
+    ({"position_embedding_type": "yarn", "rotary_scaling_factor": 4.0},
+     "--yarn-original-max-position-embeddings"),
+    ({"position_embedding_type": "yarn", "use_rope_scaling": True,
+      "yarn_original_max_position_embeddings": 4096}, "alternatives"),
+    ({"position_embedding_type": "yarn", "rotary_scaling_factor": 4.0,
+      "yarn_original_max_position_embeddings": 4096, "mscale": 2.0},
+     "--mscale 2.0 --mscale-all-dim 0.0"),
+    ({"use_rope_scaling": True, "rope_scaling_low_freq_factor": 4.0}, "high_freq_factor >"),
+])
+def test_scaling_flags_are_refused_by_name(fields, message):
+    with pytest.raises(ValueError, match=message):
+        RopeScaling.from_model_fields(fields)
+
+
+def test_scaling_flags_through_the_training_parser():
+    from megatron_ext import arguments
+    from megatron_ext.errors import ArgumentError
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "128"]
+    parser = arguments.build_parser()
+    yarn = ["--position-embedding-type", "yarn", "--rotary-scaling-factor", "4",
+            "--yarn-original-max-position-embeddings", "32", "--no-yarn-correction-range-round-to-int"]
+    model, _ = arguments.model_and_layout(parser.parse_args(base + yarn), world_size=1)
+    assert RopeScaling.from_model_fields(model) == RopeScaling(
+        "yarn", 4.0, original_max_position_embeddings=32, truncate=False)
+    with pytest.raises(ArgumentError, match="--mscale-all-dim"):
+        arguments.model_and_layout(parser.parse_args(base + ["--mscale-all-dim", "1"]), 1)

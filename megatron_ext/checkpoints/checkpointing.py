@@ -29,6 +29,7 @@ from megatron_ext.config import (ARCHITECTURE_FIELDS, EXTENSION_FIELDS, Checkpoi
                                  ModelConfig)
 from megatron_ext.checkpoints import publish
 from megatron_ext.errors import UserError
+from megatron_ext.model.rope_scaling import ROPE_FIELDS
 
 TRACKER_FILE = publish.TRACKER_FILE
 FORMAT_VERSION = 1
@@ -77,8 +78,8 @@ def architecture_of(model: ModelConfig) -> dict:
 
 
 # Recorded beside the architecture, not checked against a run: a context extension changes them.
-RECORDED_FIELDS = ("max_position_embeddings", "seq_length", "use_rope_scaling",
-                   "rope_scaling_factor", "rotary_seq_len_interpolation_factor")
+RECORDED_FIELDS = ("max_position_embeddings", "seq_length",
+                   *ROPE_FIELDS)  # every RoPE scaling field: linear, llama3's parameters, YaRN
 
 
 def model_record(model: ModelConfig) -> dict:

@@ -7,8 +7,9 @@
     torchrun --nproc-per-node 3 tools/convert_checkpoint.py verify --hf-dir SmolLM2 \
         --megatron-dir ckpt/smol --tensor-model-parallel-size 3
 
-Families: Llama (incl. Llama-3.1 and linear RoPE scaling), Mistral, Qwen2 / Qwen2.5, Qwen3 dense
-(q/k norms). Mixture-of-experts and Qwen's sliding-window layers are refused.
+Families: Llama (incl. Llama-3.1 / 3.2: llama3 RoPE with any parameters, tied embeddings), Mistral,
+Qwen2 / Qwen2.5 (incl. YaRN), Qwen3 dense (q/k norms); RoPE default, linear, llama3 and yarn
+(dynamic NTK is refused). Mixture-of-experts and Qwen's sliding-window layers are refused.
 """
 
 import argparse

@@ -174,7 +174,8 @@ def evaluate(args: argparse.Namespace, model_config: ModelConfig, layout: Layout
             "device": plat.device_type,
             "dtype": model_config.dtype_name,
             "ran": attention_backends.what_ran(model, plat.device_type, layout.cp),
-            "model": checkpointing.architecture_of(model_config),
+            # the architecture, lengths and RoPE scaling (YaRN / llama3) the logits came from
+            "model": checkpointing.model_record(model_config),
             "seconds": round(time.perf_counter() - start, 2),
         }
         if rank0:

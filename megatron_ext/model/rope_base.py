@@ -1,4 +1,5 @@
-"""A static RoPE base for a longer context, from the dynamic-NTK formula evaluated once at T.
+"""A static RoPE setting for a longer context: the dynamic-NTK base evaluated once at T, or YaRN's
+factor for T.
 
 Dynamic NTK (transformers' ``rope_type: dynamic``) recomputes the base from the longest position
 of every forward pass:
@@ -11,6 +12,9 @@ per sample, per context-parallel rank and per prompt at inference, so each of th
 different rotation. LongRecipe's "Dynamic NTK" bases (48.9M, 131.5M, 13.5M in the paper's Table 4)
 are this formula evaluated once at the target length; use the result as a fixed ``--rotary-base``
 with ``--max-position-embeddings T``.
+
+YaRN (Qwen2.5's route to 128K) keeps the base and scales frequencies by ``factor = T / L``; it is
+static too, so it is safe with skip-wise positions (``yarn_factor``).
 """
 
 from __future__ import annotations
@@ -100,3 +104,34 @@ def read_hf_rope_settings(config: Union[str, os.PathLike, Mapping[str, Any]]) ->
 def megatron_flags(rope_base: float, target_seq_length: int) -> List[str]:
     return ["--rotary-base", f"{rope_base:.1f}", "--max-position-embeddings",
             str(target_seq_length)]
+
+
+# ------------------------------------------------------------------------------------------
+# YaRN: keep the base, scale by the length ratio (static, so skip-wise positions are safe too)
+# ------------------------------------------------------------------------------------------
+
+def yarn_factor(original_seq_length: int, target_seq_length: int) -> float:
+    """YaRN's factor for a target context: T / L (what transformers checks the config against:
+    max_position_embeddings / original_max_position_embeddings)."""
+    if original_seq_length < 1 or target_seq_length < 1:
+        raise RopeBaseError(f"sequence lengths must be >= 1, got original {original_seq_length}, "
+                            f"target {target_seq_length}")
+    if target_seq_length < original_seq_length:
+        raise RopeBaseError(f"target length {target_seq_length} is shorter than the original "
+                            f"context {original_seq_length}: nothing to extend")
+    return target_seq_length / original_seq_length
+
+
+def yarn_megatron_flags(factor: float, original_seq_length: int,
+                        target_seq_length: int) -> List[str]:
+    # repr: the shortest text that parses back to exactly this factor (T / L need not be round)
+    text = str(int(factor)) if float(factor).is_integer() else repr(float(factor))
+    return ["--position-embedding-type", "yarn", "--rotary-scaling-factor", text,
+            "--yarn-original-max-position-embeddings", str(original_seq_length),
+            "--max-position-embeddings", str(target_seq_length)]
+
+
+def yarn_hf_rope_parameters(rotary_base: float, factor: float,
+                            original_seq_length: int) -> dict:
+    return {"rope_type": "yarn", "rope_theta": float(rotary_base), "factor": float(factor),
+            "original_max_position_embeddings": int(original_seq_length)}

@@ -9,8 +9,9 @@ CP slices would all get the wrong angles. Here the angles come from the position
 in Megatron's convention (``emb = cat(freqs, freqs)`` for the non-interleaved layout), which
 ``megatron.core.models.common.embeddings.rope_utils.apply_rotary_pos_emb`` consumes unchanged (the
 unfused path broadcasts over the batch dimension). The inverse frequencies follow Hugging Face's
-conventions ("default", "linear", "llama3") so converted Llama / Llama-3.1 checkpoints run with
-the same numerics as in ``transformers``.
+conventions ("default", "linear", "llama3", "yarn") so converted Llama-3.x / Qwen2.5 checkpoints
+run with the same numerics as in ``transformers``; YaRN's attention factor multiplies cos and sin
+(as in transformers) through Megatron-Core's own ``yarn_*`` config attributes.
 
 The base is static on purpose: HF "dynamic" NTK rescales the base from the largest position id of
 each batch, which differs per sample and per CP rank.
@@ -18,62 +19,16 @@ each batch, which differs per sample and per CP rank.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
-from typing import Mapping, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor, nn
 
 from megatron_ext.errors import UserError
-
-ROPE_TYPES = ("linear", "llama3")
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """Frequency scaling of a static RoPE base (HF ``rope_scaling`` / ``rope_parameters``).
-
-    linear: every frequency divided by ``factor`` (the same as dividing positions by it).
-    llama3: low frequencies divided by ``factor``, high ones kept, a smooth ramp between
-            (``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``).
-    """
-
-    rope_type: str
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def __post_init__(self):
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"unsupported RoPE scaling {self.rope_type!r}: expected one of "
-                             f"{ROPE_TYPES} (dynamic NTK is refused: its base changes per batch)")
-        if self.factor <= 0:
-            raise ValueError(f"RoPE scaling factor must be > 0, got {self.factor}")
-        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError("llama3 RoPE scaling needs high_freq_factor > low_freq_factor")
-
-    @classmethod
-    def from_hf(cls, rope_config: Optional[Mapping]) -> Optional["RopeScaling"]:
-        """From an HF ``rope_scaling`` / ``rope_parameters`` dict (None / "default": None)."""
-        if not rope_config:
-            return None
-        rope_type = rope_config.get("rope_type", rope_config.get("type", "default"))
-        if rope_type == "default":
-            return None
-        if rope_type == "linear":
-            return cls("linear", float(rope_config["factor"]))
-        if rope_type == "llama3":
-            return cls("llama3", float(rope_config["factor"]),
-                       float(rope_config["low_freq_factor"]),
-                       float(rope_config["high_freq_factor"]),
-                       int(rope_config["original_max_position_embeddings"]))
-        raise ValueError(f"unsupported HF rope_type {rope_type!r}: expected default, linear or "
-                         f"llama3")
-
+from megatron_ext.model.rope_scaling import RopeScaling
 
 def rope_scaling_from_megatron(rope_scaling: bool = False, rope_scaling_factor: float = 8.0,
                                seq_len_interpolation_factor: Optional[float] = None
@@ -114,8 +69,38 @@ def _llama3_inverse_frequencies(inv_freq: Tensor, s: RopeScaling) -> Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_ramp_bounds(dim: int, base: float, s: RopeScaling) -> tuple:
+    """Dimension range (low, high) over which YaRN moves from original to interpolated
+    frequencies: where a pair turns beta_fast resp. beta_slow times over the original context."""
+    def dim_for(rotations: float) -> float:
+        # i such that the pair (2i / dim) turns `rotations` times over the original length.
+        return (dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi))
+                ) / (2 * math.log(base))
+
+    low, high = dim_for(s.beta_fast), dim_for(s.beta_slow)
+    if s.truncate:  # Megatron's yarn_correction_range_round_to_int
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def _yarn_inverse_frequencies(dim: int, base: float, s: RopeScaling) -> Tensor:
+    # Operation order kept as in HF (transformers' _compute_yarn_parameters) so the fp32 results
+    # match bit for bit; Megatron-Core's YarnRotaryEmbedding computes the same blend.
+    powers = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    original = 1.0 / powers
+    interpolated = 1.0 / (s.factor * powers)
+    low, high = _yarn_ramp_bounds(dim, base, s)
+    if low == high:
+        high += 0.001  # a zero-width ramp would divide by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep_original = 1 - ramp  # 1 for fast-turning (high-frequency) pairs
+    return interpolated * (1 - keep_original) + original * keep_original
+
+
 def inverse_frequencies(dim: int, base: float, scaling: Optional[RopeScaling] = None) -> Tensor:
     """fp32 inverse frequencies [dim / 2] for a static base and optional scaling."""
+    if scaling is not None and scaling.rope_type == "yarn":
+        return _yarn_inverse_frequencies(dim, base, scaling)
     inv_freq = default_inverse_frequencies(dim, base)
     if scaling is None:
         return inv_freq
@@ -123,6 +108,60 @@ def inverse_frequencies(dim: int, base: float, scaling: Optional[RopeScaling] = 
         # Dividing the frequencies (HF) rather than the positions: same angle, HF's rounding.
         return inv_freq / scaling.factor
     return _llama3_inverse_frequencies(inv_freq, scaling)
+
+
+def megatron_yarn_attributes(scaling: RopeScaling) -> Dict[str, Any]:
+    """The ``TransformerConfig.yarn_*`` attributes that make Megatron-Core's attention multiply
+    cos and sin by YaRN's attention factor exactly as transformers does.
+
+    Megatron-Core's ``SelfAttention`` passes ``mscale = m(factor, yarn_mscale) /
+    m(factor, yarn_mscale_all_dim)`` (``m(s, x) = 0.1 x ln s + 1``) to ``apply_rotary_pos_emb``
+    whenever the config has ``yarn_rotary_scaling_factor`` (Megatron-LM sets these attributes the
+    same way for ``--position-embedding-type yarn``). transformers' default factor is that with
+    (1, 0), its mscale pair the same ratio; an explicit HF ``attention_factor`` has no Megatron
+    spelling, so it is carried as factor e (ln e = 1) and ``yarn_mscale`` = 10 (a - 1), the float
+    nearest ``a`` chosen.
+    """
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor,
+    )
+
+    wanted = scaling.attention_scaling()
+    attributes = {
+        "yarn_rotary_scaling_factor": float(scaling.factor),
+        "yarn_original_max_position_embeddings": int(scaling.original_max_position_embeddings),
+        "yarn_beta_fast": float(scaling.beta_fast), "yarn_beta_slow": float(scaling.beta_slow),
+        "yarn_mscale": 1.0, "yarn_mscale_all_dim": 0.0,
+        "yarn_correction_range_round_to_int": bool(scaling.truncate),
+    }
+    if scaling.attention_factor is not None:
+        def error(mscale: float) -> float:
+            return abs(_yarn_get_concentration_factor(math.e, mscale, 0.0) - wanted)
+
+        # 10 (a - 1) rounds; the best float is within a few ulps of it.
+        start = (wanted - 1.0) * 10.0
+        candidates = [start]
+        for direction in (math.inf, -math.inf):
+            value = start
+            for _ in range(4):
+                value = math.nextafter(value, direction)
+                candidates.append(value)
+        attributes.update(yarn_rotary_scaling_factor=math.e, yarn_mscale=min(candidates, key=error))
+    elif scaling.mscale and scaling.mscale_all_dim:
+        attributes.update(yarn_mscale=float(scaling.mscale),
+                          yarn_mscale_all_dim=float(scaling.mscale_all_dim))
+    got = _yarn_get_concentration_factor(attributes["yarn_rotary_scaling_factor"],
+                                         attributes["yarn_mscale"],
+                                         attributes["yarn_mscale_all_dim"])
+    if not math.isclose(got, wanted, rel_tol=1e-15, abs_tol=0.0):
+        raise ValueError(f"YaRN attention factor {wanted!r} is not reproducible by Megatron's "
+                         f"mscale ({got!r})")
+    return attributes
+
+
+def rope_scaling_of(model) -> Optional[RopeScaling]:
+    """The scaling a ``ModelConfig`` (or namespace / ``model_args.json`` dict) asks for."""
+    return RopeScaling.from_model_fields(model)
 
 
 class PositionIdsRotaryEmbedding(nn.Module):
@@ -133,7 +172,8 @@ class PositionIdsRotaryEmbedding(nn.Module):
         rotary_base: static RoPE base (``--rotary-base``; HF ``rope_theta``).
         max_position_embeddings: positions must lie in [0, max_position_embeddings); positions may
             exceed the sequence length (skip-wise schemes) but not this bound.
-        scaling: optional ``RopeScaling`` (linear or llama3).
+        scaling: optional ``RopeScaling`` (linear, llama3 or yarn; yarn's attention factor is
+            applied by the attention, see ``megatron_yarn_attributes``).
         rotary_percent / rotary_interleaved: as in Megatron's ``RotaryEmbedding`` (defaults 1.0 /
             False are the Llama layout).
     """
@@ -216,6 +256,11 @@ class PositionIdsGPTModel(GPTModel):
         scaling = rope_scaling_config or rope_scaling_from_megatron(
             gpt_args["rope_scaling"], gpt_args["rope_scaling_factor"],
             gpt_args["seq_len_interpolation_factor"])
+        if scaling is not None and scaling.rope_type == "yarn":
+            # YaRN's attention factor multiplies cos and sin inside Megatron-Core's attention,
+            # which reads it from these config attributes (shared with every layer).
+            for name, value in megatron_yarn_attributes(scaling).items():
+                setattr(self.config, name, value)
         self.position_rotary = PositionIdsRotaryEmbedding(
             kv_channels=self.config.kv_channels,
             rotary_base=gpt_args["rotary_base"],

@@ -3,7 +3,8 @@
 ``ModelSpec`` (read from a HF ``config.json`` by ``hf_config``) names things the HF way;
 ``ModelConfig`` names them the Megatron way, and its field names are also the training flags'
 ``dest`` names and the keys of a checkpoint's ``model_args.json``. Every direction goes through
-``TABLE`` (plus the RoPE scaling rule, which maps one HF field to three of ours):
+``TABLE`` (plus the RoPE scaling rule, ``model/rope_scaling.py``, which maps one HF field to
+several of ours):
 
     ModelSpec -> ModelConfig        model_config(spec, ...)        (import, parity checks)
     ModelSpec -> training flags     model_flags(spec)              (megatron_args.txt)
@@ -20,7 +21,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from megatron_ext.config import ARCHITECTURE_FIELDS, ModelConfig
 from megatron_ext.checkpoints.convert.errors import ConversionError
-from megatron_ext.checkpoints.convert.hf_config import MEGATRON_LLAMA3_FIXED, ModelSpec, read_hf_config
+from megatron_ext.checkpoints.convert.hf_config import ModelSpec, read_hf_config
+from megatron_ext.errors import UserError
+from megatron_ext.model.rope_scaling import MODEL_FIELD_DEFAULTS, RopeScaling
 from megatron_ext.checkpoints.convert.tables import FAMILIES
 
 
@@ -58,36 +61,30 @@ TABLE = (
 FAMILY_ROWS = ("qkv_bias", "qk_layernorm")
 
 # What every supported family shares; a model config or checkpoint that differs is not ours.
-FIXED = {"normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
-         "position_embedding_type": "rope"}
+# (position_embedding_type is a RoPE field: rope or yarn.)
+FIXED = {"normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False}
 
 # Flags that select nothing of their own but keep the command line Megatron-LM's.
 COMPATIBILITY_FLAGS = ("--group-query-attention", "--disable-bias-linear")
 
 
 def rope_to_model(scaling: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """HF rope scaling -> Megatron's three RoPE fields."""
-    fields = {"use_rope_scaling": False, "rope_scaling_factor": 8.0,
-              "rotary_seq_len_interpolation_factor": None}
-    rope_type = (scaling or {}).get("rope_type")
-    if rope_type == "llama3":
-        fields.update(use_rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
-    elif rope_type == "linear":
-        fields.update(rotary_seq_len_interpolation_factor=float(scaling["factor"]))
-    elif rope_type is not None:
-        raise ConversionError(f"rope type {rope_type!r} has no training flags here")
-    return fields
+    """HF rope scaling -> our RoPE fields (Megatron's three, llama3's parameters, YaRN's)."""
+    try:
+        described = RopeScaling.from_hf(scaling)
+    except UserError as err:
+        raise ConversionError(f"rope scaling {dict(scaling or {})}: {err}") from None
+    return described.model_fields() if described else dict(MODEL_FIELD_DEFAULTS)
 
 
 def rope_to_spec(fields: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """Megatron's RoPE fields -> HF rope scaling (None: plain RoPE)."""
-    if fields.get("use_rope_scaling"):
-        return {"rope_type": "llama3", "factor": float(fields.get("rope_scaling_factor", 8.0)),
-                **MEGATRON_LLAMA3_FIXED}
-    factor = fields.get("rotary_seq_len_interpolation_factor")
-    if factor:
-        return {"rope_type": "linear", "factor": float(factor)}
-    return None
+    """Our RoPE fields (model_args.json; missing keys: defaults) -> HF rope scaling (None: plain
+    RoPE)."""
+    try:
+        described = RopeScaling.from_model_fields(fields)
+    except UserError as err:
+        raise ConversionError(f"model_args.json RoPE fields: {err}") from None
+    return described.to_hf() if described else None
 
 
 def model_fields(spec: ModelSpec) -> Dict[str, Any]:
@@ -127,9 +124,15 @@ def model_flags(spec_or_config, make_vocab_size_divisible_by: int = 128) -> List
     fields = model_fields(spec) | {"make_vocab_size_divisible_by": make_vocab_size_divisible_by}
     flags = list(COMPATIBILITY_FLAGS)
     for field, value in fields.items():
+        if field in MODEL_FIELD_DEFAULTS and field not in ("position_embedding_type",
+                                                           "rope_scaling_factor") \
+                and value == MODEL_FIELD_DEFAULTS[field]:
+            continue  # RoPE scaling fields: only what differs from plain RoPE
         if isinstance(value, bool):
             if value:
                 flags.append(_flag(field))
+            elif field in MODEL_FIELD_DEFAULTS:  # a default-on RoPE switch turned off
+                flags.append("--no-" + _flag(field)[2:])
         elif value is not None and not (field == "rope_scaling_factor"
                                         and not fields["use_rope_scaling"]):
             flags += [_flag(field), _text(value)]

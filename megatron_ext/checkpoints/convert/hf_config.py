@@ -21,13 +21,11 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from megatron_ext.checkpoints.convert.errors import ConversionError  # noqa: F401 (re-exported)
 from megatron_ext.checkpoints.convert.tables import Family, family_for
+from megatron_ext.errors import UserError
+from megatron_ext.model.rope_scaling import RopeScaling
 from megatron_ext.parallel.layout import HF_NAMES, Layout
 
 
-# Llama-3.x RoPE scaling as Megatron's flags express it (--use-rope-scaling,
-# --rope-scaling-factor): the low/high frequency factors and original context are fixed.
-MEGATRON_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -45,7 +43,8 @@ class ModelSpec:
     rms_norm_eps: float
     tie_word_embeddings: bool
     rope_theta: float
-    # None, {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor": f, ...}
+    # None, {"rope_type": "linear", "factor": f} or {"rope_type": "llama3" | "yarn", "factor": f,
+    # ...} (RopeScaling.to_hf: normalized)
     rope_scaling: Optional[Dict[str, Any]] = None
     dtype: Optional[str] = None  # torch dtype name of the weights, e.g. "bfloat16"
     sliding_window: Optional[int] = None  # Mistral: carried for export; Megatron trains without it
@@ -105,18 +104,17 @@ def _read_rope(cfg: Mapping[str, Any]) -> tuple:
         return theta, None
     if rope_type == "linear":
         return theta, {"rope_type": "linear", "factor": float(params["factor"])}
-    if rope_type == "llama3":
-        scaling = {"rope_type": "llama3", "factor": float(params["factor"])}
-        for key, fixed in MEGATRON_LLAMA3_FIXED.items():
-            value = params.get(key, fixed)
-            if float(value) != float(fixed):
-                raise ConversionError(
-                    f"rope llama3 {key}={value}: megatron_ext.train's --use-rope-scaling "
-                    f"(Megatron's Llama-3 RoPE scaling) fixes {MEGATRON_LLAMA3_FIXED}")
-            scaling[key] = type(fixed)(value)
-        return theta, scaling
+    if rope_type in ("llama3", "yarn"):
+        # Any llama3 parameters and YaRN: our RoPE is computed from position ids, so it carries
+        # whatever the config says (normalized by RopeScaling: YaRN keys at transformers'
+        # defaults left out, as a config that omits them).
+        try:
+            scaling = RopeScaling.from_hf(params, cfg.get("max_position_embeddings"))
+        except UserError as err:
+            raise ConversionError(f"rope {rope_type}: {err}") from None
+        return theta, scaling.to_hf()
     raise ConversionError(f"rope type {rope_type!r} is not supported; supported: default, linear, "
-                          "llama3")
+                          "llama3, yarn (dynamic NTK: use a static base from tools/rope_base.py)")
 
 
 def _require(cfg: Mapping[str, Any], key: str):
