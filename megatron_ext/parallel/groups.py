@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import os
 import socket
 from typing import Optional, Sequence
 
@@ -43,7 +44,7 @@ def initialize(
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend=plat.backend,
-            init_method=f"tcp://{info.master_addr}:{info.master_port}",
+            init_method=_rendezvous(info),
             rank=info.rank,
             world_size=info.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -65,15 +66,20 @@ def ensure_torch_distributed() -> None:
     if torch.distributed.is_initialized():
         return
     info = launch_info()
-    if info.launcher == "single":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            address, port = "127.0.0.1", s.getsockname()[1]
-    else:
-        address, port = info.master_addr, info.master_port
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://{address}:{port}",
+    torch.distributed.init_process_group("gloo", init_method=_rendezvous(info),
                                          rank=info.rank, world_size=info.world_size)
     atexit.register(destroy)
+
+
+def _rendezvous(info) -> str:
+    """The process group's init address. A lone process started without a launcher (and without
+    MASTER_PORT) has no peer to agree with, so it takes a free port: two single-process runs on
+    one machine (a training run and an evaluation, say) must not collide on 29500."""
+    if info.launcher == "single" and "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://{info.master_addr}:{info.master_port}"
 
 
 def destroy() -> None:
