@@ -26,7 +26,9 @@ What each step measures (fresh torchrun process per run, one rank, the same glob
   file), which changes no work done.
 
 Step time: median over runs of the median step after the first (warm-up) step; runs alternate
-(offline, two-forward, offline, ...) so machine-speed changes hit both. Memory: the peak resident
+(offline, two-forward, offline, ...) so machine-speed changes hit both. ``paired_ratio``: the
+median, over the two-forward steps, of their train_step part over the whole step (the same
+ratio with both parts timed back to back, steadier on a shared host). Memory: the peak resident
 set (VmHWM) of each run's process, and its growth above the resident size after the imports (on
 CUDA: torch.cuda.max_memory_allocated over the steps); the second model's weights (and its
 forward's transient activations) are what the baseline adds.
@@ -116,7 +118,7 @@ def worker(mode: str, output: str, flags) -> None:
         on_cuda = s.objective.device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-        steps, losses = [], []
+        steps, reference_steps, losses = [], [], []
         for _ in range(training.train_iters):
             begin = time.perf_counter()
             if reference is not None:
@@ -126,6 +128,9 @@ def worker(mode: str, output: str, flags) -> None:
                         model=[reference], num_microbatches=training.num_microbatches,
                         seq_length=s.cfg.model.seq_length,
                         micro_batch_size=training.micro_batch_size, forward_only=True)
+                if on_cuda:
+                    torch.cuda.synchronize()
+                reference_steps.append(time.perf_counter() - begin)
             out = train.train_step(s, policy_batches)
             if on_cuda:
                 torch.cuda.synchronize()
@@ -138,7 +143,7 @@ def worker(mode: str, output: str, flags) -> None:
     finally:
         parallel.destroy()
     with open(output, "w") as f:
-        json.dump({"mode": mode, "step_s": steps, "losses": losses,
+        json.dump({"mode": mode, "step_s": steps, "reference_s": reference_steps, "losses": losses,
                    "peak_rss_mb": _status_mb("VmHWM"), "peak_gpu_mb": peak_gpu_mb,
                    "start_rss_mb": start_rss,
                    "imported_rss_mb": imported_rss}, f)
@@ -203,7 +208,7 @@ def main() -> None:
                   "--data-path", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
                   "--tokenizer-model", hf_dir, "--split", "100,0,0", "--device", args.device,
                   "--lr", "1e-5", "--lr-warmup-iters", "0", "--log-interval", "1"]
-        init = os.path.join("init")
+        init = os.path.join(work, "init")
         _torchrun(["-m", "megatron_ext.train", *common, "--train-iters", "0", "--save", init],
                   "init")
         reference_file = os.path.join(work, "reference.npz")
@@ -234,8 +239,13 @@ def main() -> None:
     memory = gpu or peak
     growth = {m: max(r["peak_rss_mb"] - r["imported_rss_mb"] for r in runs[m]) for m in MODES}
     ratio = step["offline"] / step["two-forward"]
+    # The same ratio inside each two-forward step (its train_step part over the whole step): both
+    # parts run back to back, so a shared host's speed changes between runs cancel out.
+    paired = statistics.median((total - ref) / total for r in runs["two-forward"]
+                               for total, ref in zip(r["step_s"][1:], r["reference_s"][1:]))
     print(f"step time: offline reference {step['offline']:.3f} s, two forwards "
-          f"{step['two-forward']:.3f} s -> ratio {ratio:.3f} (goal <= 0.6)")
+          f"{step['two-forward']:.3f} s -> ratio {ratio:.3f} (goal <= 0.6); inside the "
+          f"two-forward steps, train_step / whole step: {paired:.3f}")
     print(f"peak RSS: offline {peak['offline']:.0f} MB, two forwards {peak['two-forward']:.0f} MB "
           f"(growth after imports {growth['offline']:.0f} vs {growth['two-forward']:.0f} MB)")
     if gpu:
@@ -250,6 +260,7 @@ def main() -> None:
                       "baseline": "train_step + no-grad forward of a second model instance",
                       "offline_step_s": round(step["offline"], 4),
                       "two_forward_step_s": round(step["two-forward"], 4),
+                      "paired_ratio": round(paired, 4),
                       "memory_ratio": round(memory["offline"] / memory["two-forward"], 4),
                       "memory": "peak GPU allocated" if gpu else "peak RSS",
                       "peak_rss_mb": {m: round(v, 1) for m, v in peak.items()},
