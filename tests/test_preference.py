@@ -14,7 +14,8 @@ next sentence as chosen, wrong retrievals as rejected), rendered with SmolLM2's 
   ``shared-prefix`` run (<= 1e-4 relative over 3 iterations); gradients of the two packings agree.
 - DPO / IPO with an offline reference: tools/reference_logps.py's per-answer sums and counts equal
   transformers' on the dumped rows; a DPO iteration-1 loss equals TRL's sigmoid formula on
-  transformers' sums of policy and reference; IPO / DPO follow the file under every layout.
+  transformers' sums of policy and reference; the file is the same under TP / CP / PP, and DPO /
+  IPO losses follow it.
 - Bad flag combinations fail early, naming the flag.
 """
 
