@@ -17,7 +17,9 @@ Logit memory: the peak resident memory of the logit computation alone (output la
 + backward, in a fresh process each) for our answer positions only vs full-vocabulary logits on
 every position of the three sequences (what a Hugging Face trainer materialises).
 
-Last line: JSON with step_ratio = shared / separate (goal <= 0.5) and logit_memory_ratio.
+Last line: the standard JSON, ratio = shared / separate step time (goal <= 0.5), with
+logit_memory_ratio as an extra key. DPO with an offline reference vs a reference forward in the
+step is benchmarks/dpo_step.py.
 """
 
 from __future__ import annotations

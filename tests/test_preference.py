@@ -12,6 +12,10 @@ next sentence as chosen, wrong retrievals as rejected), rendered with SmolLM2's 
   the same SmolLM2 weights on the same rows (<= 1e-5 relative).
 - TP=2, CP=2, PP=2, DP=2 and ``separate`` packing give the iteration losses of the single-process
   ``shared-prefix`` run (<= 1e-4 relative over 3 iterations); gradients of the two packings agree.
+- DPO / IPO with an offline reference: tools/reference_logps.py's per-answer sums and counts equal
+  transformers' on the dumped rows; a DPO iteration-1 loss equals TRL's sigmoid formula on
+  transformers' sums of policy and reference; the file is the same under TP / CP / PP, and DPO /
+  IPO losses follow it.
 - Bad flag combinations fail early, naming the flag.
 """
 
@@ -579,3 +583,100 @@ def test_weighted_blend_of_preference_datasets(pref_data, tmp_path):
     for k, i in enumerate(first[:6]):
         assert np.array_equal(blend[i]["tokens"], alone[k]["tokens"])
     assert list(blend_assignment([1, 1], 4)[0]) == [0, 1, 0, 1]
+
+
+def hf_answer_log_prob_sums(model, record, names):
+    """Per answer of a dumped row: (sum of the answer tokens' log-probs, token count), fp64 from an
+    fp32 transformers forward of that branch's own sequence at its dumped positions."""
+    out = []
+    with torch.no_grad():
+        for name in names:
+            branch = record[name]
+            logits = model(input_ids=torch.tensor([branch["input_ids"]]),
+                           position_ids=torch.tensor([branch["position_ids"]])).logits[0].double()
+            labels = torch.tensor(branch["labels"][1:])  # logit t-1 predicts token t
+            scored = labels != -100
+            log_probs = logits[:-1].log_softmax(-1)[scored].gather(1, labels[scored].view(-1, 1))
+            out.append((log_probs.sum().item(), int(scored.sum())))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_short_rows(smollm2, tmp_path_factory):
+    """Two SmolLM2-tokenized rows with short prompts (3 passages of 200 characters): every row the
+    reference pass scores is also checked against transformers, at little SmolLM2 cost."""
+    rows = make_preference_rows(num_rows=2, num_chunks=3, chunk_chars=200,
+                                num_rejected=NUM_REJECTED, seed=5)
+    root = tmp_path_factory.mktemp("preference-two-rows")
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preprocess_preference([str(root / "rows.jsonl")], str(root / "two"), "HuggingFaceTokenizer",
+                          smollm2["hf"], progress=False)
+    prefix = data_prefix_for(str(root / "two"))
+    data = PreferenceRows(prefix)
+    return prefix, smollm2["hf"], max(layout_length(*data.lengths(r, NUM_REJECTED),
+                                                    "shared-prefix") for r in range(len(data)))
+
+
+@pytest.mark.multiprocess
+def test_reference_logps_and_dpo_loss_match_transformers(two_short_rows, smollm2_megatron,
+                                                         tmp_path):
+    """tools/reference_logps.py on SmolLM2 gives transformers' answer sums and counts on the rows
+    tools/inspect_batches.py dumps; a DPO iteration 1 of a perturbed SmolLM2 (the policy) against
+    that file gives the loss of TRL's sigmoid DPO formula on transformers' sums of both models."""
+    from transformers import AutoModelForCausalLM
+
+    prefix, hf_dir, longest = two_short_rows
+    # The policy: SmolLM2 with its final norm scaled per channel (seeded), saved and converted,
+    # so the policy / reference log-ratios differ per answer and the loss is not log 2.
+    reference_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    policy_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        norm = policy_model.model.norm.weight
+        norm.mul_(1 + 0.3 * torch.randn(norm.shape, generator=torch.Generator().manual_seed(0)))
+    policy_hf, policy_mg = tmp_path / "policy-hf", tmp_path / "policy-mg"
+    policy_model.save_pretrained(policy_hf)
+    run([sys.executable, f"{REPO_ROOT}/tools/convert_checkpoint.py", "hf-to-megatron",
+         "--hf-dir", policy_hf, "--megatron-dir", policy_mg, "--dtype", "fp32", "--no-progress"],
+        timeout=600)
+
+    flags = [*smollm2_megatron["flags"], "--data-path", prefix, "--tokenizer-type",
+             "HuggingFaceTokenizer", "--tokenizer-model", hf_dir,
+             "--seq-length", str(round_up(longest)), "--micro-batch-size", "1",
+             "--global-batch-size", "2", "--device", "cpu", "--split", "100,0,0",
+             "--position-scheme", "contiguous", "--num-rejected", "1"]
+    reference_file = str(tmp_path / "reference.npz")
+    sums, counts = reference_logps(1, flags, smollm2_megatron["mg"], reference_file)
+    assert sums.shape == (2, 2)  # 2 rows: chosen and the first rejected answer
+    beta = 0.5
+    dpo = [*flags, "--preference-loss", "dpo", "--beta", str(beta), "--reference-logps",
+           reference_file, "--lr", "1e-6", "--lr-warmup-iters", "0"]
+    metrics = tmp_path / "metrics.jsonl"
+    torchrun(1, [*dpo, "--load", str(policy_mg), "--finetune", "--train-iters", "1",
+                 "--metrics-jsonl", str(metrics)], timeout=900)
+    ours = read_metrics(str(metrics))[0]
+    dump = tmp_path / "batches.jsonl"
+    run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *dpo, "--num-samples", "2",
+         "--output", dump])
+    records = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert sorted(r["row"] for r in records) == [0, 1]  # every row of the file is checked
+
+    losses = []
+    for record in records:
+        row = record["row"]
+        reference = hf_answer_log_prob_sums(reference_model, record, ["chosen", "rejected_1"])
+        policy = hf_answer_log_prob_sums(policy_model, record, ["chosen", "rejected_1"])
+        # The positions really are contiguous (the file's premise).
+        assert record["chosen"]["position_ids"] == list(range(len(record["chosen"]["input_ids"])))
+        for k, (ref_sum, ref_count) in enumerate(reference):
+            print("row", row, "answer", k, "file", sums[row, k], counts[row, k],
+                  "transformers", ref_sum, ref_count)
+            assert counts[row, k] == ref_count > 0
+            assert rel_diff(sums[row, k], ref_sum) <= 1e-5, (row, k, sums[row, k], ref_sum)
+        # TRL's sigmoid DPO loss: -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)).
+        logits = beta * ((policy[0][0] - reference[0][0]) - (policy[1][0] - reference[1][0]))
+        losses.append(-math.log(1 / (1 + math.exp(-logits))))
+    want = float(np.mean(losses))
+    print("DPO iteration 1: ours", ours["loss"], "transformers", want)
+    assert ours["loss_tokens"] == 2  # rows, the loss's denominator
+    assert abs(want - math.log(2)) > 1e-2  # the policy really differs from the reference
+    assert rel_diff(ours["loss"], want) <= 1e-5
