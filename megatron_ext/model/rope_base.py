@@ -31,17 +31,21 @@ class RopeBaseError(UserError):
     """Invalid input; the message names the value and what to change."""
 
 
-def ntk_rope_base(rotary_base: float, original_seq_length: int, target_seq_length: int,
-                  head_dim: int, factor: Optional[float] = None) -> float:
-    """The dynamic-NTK base at ``target_seq_length``; ``factor`` defaults to T / L."""
-    if not rotary_base > 0:
-        raise RopeBaseError(f"rotary base must be > 0, got {rotary_base}")
+def _check_extension(original_seq_length: int, target_seq_length: int) -> None:
     if original_seq_length < 1 or target_seq_length < 1:
         raise RopeBaseError(f"sequence lengths must be >= 1, got original {original_seq_length}, "
                             f"target {target_seq_length}")
     if target_seq_length < original_seq_length:
         raise RopeBaseError(f"target length {target_seq_length} is shorter than the original "
                             f"context {original_seq_length}: nothing to extend")
+
+
+def ntk_rope_base(rotary_base: float, original_seq_length: int, target_seq_length: int,
+                  head_dim: int, factor: Optional[float] = None) -> float:
+    """The dynamic-NTK base at ``target_seq_length``; ``factor`` defaults to T / L."""
+    if not rotary_base > 0:
+        raise RopeBaseError(f"rotary base must be > 0, got {rotary_base}")
+    _check_extension(original_seq_length, target_seq_length)
     if head_dim <= 2 or head_dim % 2:
         raise RopeBaseError(f"head dim must be an even number > 2 (RoPE rotates pairs), got "
                             f"{head_dim}")
@@ -113,12 +117,7 @@ def megatron_flags(rope_base: float, target_seq_length: int) -> List[str]:
 def yarn_factor(original_seq_length: int, target_seq_length: int) -> float:
     """YaRN's factor for a target context: T / L (what transformers checks the config against:
     max_position_embeddings / original_max_position_embeddings)."""
-    if original_seq_length < 1 or target_seq_length < 1:
-        raise RopeBaseError(f"sequence lengths must be >= 1, got original {original_seq_length}, "
-                            f"target {target_seq_length}")
-    if target_seq_length < original_seq_length:
-        raise RopeBaseError(f"target length {target_seq_length} is shorter than the original "
-                            f"context {original_seq_length}: nothing to extend")
+    _check_extension(original_seq_length, target_seq_length)
     return target_seq_length / original_seq_length
 
 
