@@ -13,6 +13,7 @@ when the layout is unchanged, every rank's RNG state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -86,6 +87,13 @@ def model_record(model: ModelConfig) -> dict:
 
 # Loading weights only (evaluation, conversion parity): iteration, optimizer and RNG untouched.
 WEIGHTS_ONLY = CheckpointConfig(finetune=True, no_load_optim=True, no_load_rng=True)
+
+# How the distributed optimizer lays out its state in a checkpoint. Megatron-Core 0.16's default
+# ('fully_sharded_model_space') cannot be saved at all (its flattened ShardedTensors are refused);
+# 'fully_reshardable' gathers each DP group's shards into per-parameter tensors shaped like the
+# model's, so the state loads under any TP / CP / DP layout, with or without the distributed
+# optimizer. The regular optimizer ignores the setting.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def read_model_args(checkpoint_dir: str) -> dict:
@@ -175,7 +183,7 @@ def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, sch
         "rng_state": _rng_sharded_object(),
     }
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, tmp_dir)
@@ -291,6 +299,70 @@ def load_model_state(module: torch.nn.Module, state: dict, absent_extra: set,
                               f"{list(unexpected)[:5]}")
 
 
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's torch Adam a (zero) state before it is loaded into.
+
+    Without Apex / Transformer Engine, Megatron-Core's DistributedOptimizer reads the step count
+    from the torch optimizer's per-parameter state while it builds the sharded state dict to load
+    into; a fresh optimizer has none yet (an assertion). The loaded checkpoint replaces every value
+    set here (moments and step alike).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return  # fused optimizers keep the step in their param groups
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = opt.optimizer
+        if opt.init_state_fn is not None:
+            opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _keeping_torch_adam_step(optimizer):
+    """Load a 'fully_reshardable' distributed-optimizer state into torch Adam.
+
+    Megatron-Core 0.16 restores the step count from the param groups (into every per-parameter
+    state), then copies each saved per-parameter tensor into the state, but leaves "step" out of
+    what it copies while still copying into every state key: a KeyError for torch Adam (no Apex /
+    Transformer Engine). Here "step" keeps the value just restored, one tensor per parameter.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    patched = []
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if isinstance(opt, distrib_optimizer.DistributedOptimizer):
+                patched.append(opt)
+                opt._set_main_param_and_optimizer_states = _step_keeping_setter(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+
+
+def _step_keeping_setter(opt):
+    original = type(opt)._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        group_index, group_order = opt.model_param_group_index_map[model_param]
+        main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+        state = opt.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            # The restored step is one tensor shared by every parameter's state, and torch Adam
+            # increments it in place: each parameter needs its own copy.
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        original(opt, model_param, tensors)
+
+    return set_states
+
+
 def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_config: ModelConfig,
          options: CheckpointConfig = WEIGHTS_ONLY) -> Tuple[int, int]:
     """Restore from the latest checkpoint under ``root``; returns (iteration, consumed_samples).
@@ -312,7 +384,9 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_co
     request = {"model": model_sd}
     load_optim = full_resume and not options.no_load_optim and "optimizer" in common
     if load_optim:
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _allocate_distributed_optimizer_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                            metadata=OPTIMIZER_METADATA)
     load_rng = full_resume and not options.no_load_rng and same_layout
     if load_rng:
         request["rng_state"] = _rng_sharded_object()
@@ -320,7 +394,8 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_co
 
     load_model_state(_unwrap(model[0]), state["model"], absent_extra, ckpt_dir)
     if load_optim:
-        optimizer.load_state_dict(state["optimizer"])
+        with _keeping_torch_adam_step(optimizer):
+            optimizer.load_state_dict(state["optimizer"])
     if load_rng:
         _restore_rng(state["rng_state"].data if hasattr(state["rng_state"], "data")
                      else state["rng_state"])
