@@ -222,6 +222,7 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
     last_iter = min(training.train_iters, training.exit_interval or training.train_iters)
     records = []
     window_s, window_iters = 0.0, 0  # step time only: evaluation and saving are not counted
+    window_skipped = 0  # skipped (overflowing fp16) iterations since the last log line
     run_start = time.perf_counter()
     while s.iteration < last_iter:
         lr = s.optimizer.param_groups[0]["lr"]
@@ -230,6 +231,7 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
         step_s = time.perf_counter() - step_start
         s.iteration += 1
         window_s, window_iters = window_s + step_s, window_iters + 1
+        window_skipped += int(out["skipped"])
         key = s.objective.loss_key
         # loss_tokens: the loss's denominator (scored tokens; rows for preference losses).
         record = {"iteration": s.iteration, "loss": out[key], "lr": lr,
@@ -251,8 +253,8 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
                        f"{key}: {out[key]:.6E} | "
                        + "".join(f"{m}: {out[m]:.4f} | " for m in s.objective.metrics)
                        + f"loss scale: {out['loss_scale']:.1f} | grad norm: "
-                       f"{out['grad_norm']:.4f} | skipped: {int(out['skipped'])}")
-            window_s, window_iters = 0.0, 0
+                       f"{out['grad_norm']:.4f} | number of skipped iterations: {window_skipped}")
+            window_s, window_iters, window_skipped = 0.0, 0, 0
         if training.eval_interval and s.iteration % training.eval_interval == 0:
             result = evaluate(s)
             writer.log(f" validation at iteration {s.iteration} | {s.objective.loss_key}: "
