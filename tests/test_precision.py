@@ -31,14 +31,16 @@ def run(tmp_path_factory, books_data):
     root = tmp_path_factory.mktemp("precision")
     base = [*TINY_MODEL, *data_args(*books_data, cache=str(root / "index-cache")),
             "--lr-warmup-iters", "0", "--train-iters", str(ITERS)]
-    done = {}
+    done, logs = {}, {}
 
     def go(name, *extra):
         if name not in done:
             path = str(root / f"{name}.jsonl")
-            torchrun(1, [*base, *extra, "--metrics-jsonl", path])
+            logs[name] = torchrun(1, [*base, *extra, "--metrics-jsonl", path]).stdout
             done[name] = read_metrics(path)
         return done[name]
+
+    go.logs = logs
 
     return go
 
@@ -80,6 +82,12 @@ def test_fp16_overflow_skips_the_step_halves_the_scale_and_recovers(run):
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
     assert scaled[k + 1]["loss"] != frozen[k + 1]["loss"]
     assert abs(scaled[k + 1]["loss"] - frozen[k + 1]["loss"]) > 1e-4 * frozen[k + 1]["loss"]
+    # The log line says so too, as Megatron-LM's does (--log-interval 1: one line per iteration).
+    lines = [line for line in run.logs["fp16"].splitlines() if line.startswith(" iteration ")]
+    assert len(lines) == ITERS
+    for line, r in zip(lines, scaled):
+        assert f"loss scale: {r['loss_scale']:.1f} |" in line, line
+        assert line.endswith(f"number of skipped iterations: {r['skipped_iter']}"), line
 
 
 @pytest.mark.parametrize("flag, value", [("--initial-loss-scale", "0"), ("--hysteresis", "0"),
