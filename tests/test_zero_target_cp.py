@@ -5,9 +5,10 @@ Megatron's load-balanced CP layout gives rank r the chunks r and 2*CP-1-r of 2*C
 under CP=2 rank 0 holds the first and last quarter of the sequence, rank 1 the middle half. The
 data is built so that every target sits in one rank's quarters: short SFT conversations (the
 template's system turn fills the first quarter, padding the last; the answer falls in the middle)
-and shared-prefix preference rows (the long prompt covers the first quarters; the answers and
-padding fall in the last quarter). The test checks that with a formula of its own on the very
-samples the dataset serves, rather than trusting the CP slicing code.
+and shared-prefix preference rows (long prompts, short answers at the end, the sequence length
+chosen so that the answers fall on one rank: rank 0's last quarter, or rank 1's middle half).
+The test checks that with a formula of its own on the very samples the dataset serves, rather
+than trusting the CP slicing code.
 """
 
 import json
@@ -110,7 +111,7 @@ def test_sft_rank_without_targets_gives_the_cp1_loss_and_gradients(sft_setting):
 
 
 # ------------------------------------------------------------------------------------------------
-# Preference: the answers all in CP rank 0's last quarter, none in rank 1's middle half
+# Preference: the answers all on one CP rank (either one: rank 0 reports the rows' losses)
 # ------------------------------------------------------------------------------------------------
 
 NUM_REJECTED = 2
@@ -133,42 +134,53 @@ def pref_setting(smollm2, tmp_path_factory):
         data = PreferenceRows(prefix)
         return prefix, [data.row(i, NUM_REJECTED) for i in range(len(data))]
 
-    def shared(row):  # tokens before the first scored one, and the row's length
-        return len(row.prompt) - 1, len(row.prompt) - 1 + sum(1 + len(a) for a in row.answers)
-
-    # Long prompts (four context passages) and short answers. Rows vary in length, so pick four
-    # (one global batch) that share a --seq-length (a multiple of 8) holding each row whole with
-    # its prompt over the first three quarters: the answers then sit in the last quarter.
+    # Long prompts (four context passages) and short answers at the end of each shared-prefix
+    # row: tokens before the first scored one, and the row's length.
     candidates = make_preference_rows(num_rows=16, num_chunks=4, chunk_chars=400,
                                       num_rejected=NUM_REJECTED, seed=5)
     _, tokenized = rows_of(candidates, "candidates")
     assert len(tokenized) == len(candidates)  # row i is candidate i
-    lengths = [shared(row) for row in tokenized]
-    for seq in range(8, max(total for _, total in lengths) + 8, 8):
-        fit = [i for i, (prompt, total) in enumerate(lengths)
-               if total <= seq and 4 * prompt >= 3 * seq]
-        if len(fit) >= 4:
-            break
-    assert len(fit) >= 4, lengths
-    prefix, samples = rows_of([candidates[i] for i in fit[:4]], "pref")
-    scored = []
-    for row in samples:
-        sample = shared_prefix_sample(row, np.arange(len(row.prompt)), seq, 0)
-        scored.append(np.flatnonzero(sample["score_branch"] >= 0).tolist())
-    args = [*TINY_MODEL, "--seq-length", str(seq), "--lr-warmup-iters", "0", "--train-iters",
-            "1", "--data-path", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
-            "--tokenizer-model", smollm2["hf"], "--split", "100,0,0",
-            "--preference-packing", "shared-prefix"]
-    return root, seq, scored, args
+    lengths = [(len(r.prompt) - 1, len(r.prompt) - 1 + sum(1 + len(a) for a in r.answers))
+               for r in tokenized]
+
+    def build(empty_rank):
+        """Four rows (one global batch) and a --seq-length (a multiple of 8) that put every
+        answer outside ``empty_rank``'s quarters. Rank 1 empty: the prompt fills the first three
+        quarters, the answers sit in the last. Rank 0 empty: the prompt covers the first quarter
+        and the row ends by three quarters (padding after)."""
+        def fits(prompt, total, seq):
+            if empty_rank == 1:
+                return total <= seq and 4 * prompt >= 3 * seq
+            return 4 * total <= 3 * seq and 4 * prompt >= seq
+
+        for seq in range(8, 2 * max(total for _, total in lengths), 8):
+            fit = [i for i, (prompt, total) in enumerate(lengths) if fits(prompt, total, seq)]
+            if len(fit) >= 4:
+                break
+        assert len(fit) >= 4, lengths
+        prefix, samples = rows_of([candidates[i] for i in fit[:4]], f"pref-{empty_rank}")
+        scored = [np.flatnonzero(shared_prefix_sample(row, np.arange(len(row.prompt)), seq, 0)
+                                 ["score_branch"] >= 0).tolist() for row in samples]
+        args = [*TINY_MODEL, "--seq-length", str(seq), "--lr-warmup-iters", "0",
+                "--train-iters", "1", "--data-path", prefix, "--tokenizer-type",
+                "HuggingFaceTokenizer", "--tokenizer-model", smollm2["hf"], "--split", "100,0,0",
+                "--preference-packing", "shared-prefix"]
+        return seq, scored, args
+
+    return root, build
 
 
-def test_preference_rank_without_answers_gives_the_cp1_loss_and_gradients(pref_setting):
-    root, seq, scored, args = pref_setting
+@pytest.mark.parametrize("empty_rank", [0, 1])
+def test_preference_rank_without_answers_gives_the_cp1_loss_and_gradients(pref_setting,
+                                                                          empty_rank):
+    root, build = pref_setting
+    seq, scored, args = build(empty_rank)
     for positions in scored:
-        rank0, rank1 = targets_per_rank(positions, seq)
-        assert rank1 == 0 and rank0 == len(positions) > 0, (seq, positions[:3], positions[-3:])
+        per_rank = targets_per_rank(positions, seq)
+        assert per_rank[empty_rank] == 0 and per_rank[1 - empty_rank] == len(positions) > 0, \
+            (seq, positions[:3], positions[-3:])
 
-    single = probe(1, root / "cp1", args)
-    cp2 = probe(CP, root / "cp2", [*args, "--context-parallel-size", str(CP)])
+    single = probe(1, root / f"cp1-{empty_rank}", args)
+    cp2 = probe(CP, root / f"cp2-{empty_rank}", [*args, "--context-parallel-size", str(CP)])
     assert single["metrics"][0]["loss_tokens"] == 4  # rows
     compare(single, cp2)
