@@ -147,6 +147,11 @@ def test_distributed_optimizer_resumes_bitwise_and_reshards_to_another_layout(se
         assert r["loss"] == expected[r["iteration"]]["loss"], r
         assert r["grad_norm"] == expected[r["iteration"]]["grad_norm"], r
 
+    # The regular optimizer cannot read that state: refused by flag, before any training.
+    refused = torchrun(1, [*run6, "--load", str(root / "dist-iter3")], check=False)
+    assert refused.returncode != 0
+    assert "--use-distributed-optimizer" in refused.stderr and "--no-load-optim" in refused.stderr
+
     # The same checkpoint in one process (DP=1 x CP=1): the optimizer state is saved per
     # parameter ('fully_reshardable'), so the four shards are joined into one.
     torchrun(1, [*run6, "--use-distributed-optimizer", "--load", str(root / "dist-iter3"),

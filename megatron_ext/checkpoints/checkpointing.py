@@ -91,8 +91,9 @@ WEIGHTS_ONLY = CheckpointConfig(finetune=True, no_load_optim=True, no_load_rng=T
 # How the distributed optimizer lays out its state in a checkpoint. Megatron-Core 0.16's default
 # ('fully_sharded_model_space') cannot be saved at all (its flattened ShardedTensors are refused);
 # 'fully_reshardable' gathers each DP group's shards into per-parameter tensors shaped like the
-# model's, so the state loads under any TP / CP / DP layout, with or without the distributed
-# optimizer. The regular optimizer ignores the setting.
+# model's, so the state loads under any TP / CP / DP layout that also uses the distributed
+# optimizer (the regular optimizer's state is keyed differently: check_optimizer_kind). The
+# regular optimizer ignores the setting.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -299,6 +300,32 @@ def load_model_state(module: torch.nn.Module, state: dict, absent_extra: set,
                               f"{list(unexpected)[:5]}")
 
 
+def _saved_by_distributed_optimizer(saved) -> bool:
+    """Whether a checkpoint's common optimizer entry is the distributed optimizer's (chained
+    optimizers keep one entry per index)."""
+    if not isinstance(saved, dict):
+        return False
+    return "param_state_sharding_type" in saved or any(
+        _saved_by_distributed_optimizer(v) for k, v in saved.items() if isinstance(k, int))
+
+
+def check_optimizer_kind(saved, optimizer, ckpt_dir: str) -> None:
+    """The distributed and the regular optimizer save their state in formats the other cannot
+    read (a KeyError deep in Megatron-Core): refuse the mismatch by flag instead."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    running = any(isinstance(opt, DistributedOptimizer)
+                  for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+    stored = _saved_by_distributed_optimizer(saved)
+    if running != stored:
+        raise CheckpointError(
+            f"{ckpt_dir} holds the optimizer state of a run "
+            f"{'with' if stored else 'without'} --use-distributed-optimizer, and this run is "
+            f"{'with' if running else 'without'} it: resume with the flag as it was saved, or "
+            f"add --no-load-optim to load the weights, LR schedule and data position without the "
+            f"optimizer state")
+
+
 def _allocate_distributed_optimizer_state(optimizer) -> None:
     """Give a fresh distributed optimizer's torch Adam a (zero) state before it is loaded into.
 
@@ -384,6 +411,7 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_co
     request = {"model": model_sd}
     load_optim = full_resume and not options.no_load_optim and "optimizer" in common
     if load_optim:
+        check_optimizer_kind(common["optimizer"], optimizer, ckpt_dir)
         _allocate_distributed_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                             metadata=OPTIMIZER_METADATA)
