@@ -176,6 +176,15 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    # fp16 loss scaling (Megatron-LM's flags; bf16 needs none): a fixed --loss-scale, or a
+    # dynamic one that starts at --initial-loss-scale, halves on an overflowing step (after
+    # --hysteresis of them; the step is skipped) and doubles after --loss-scale-window clean ones.
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="fixed fp16 loss scale (default: dynamic loss scaling)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -369,7 +378,24 @@ def model_and_layout(args: argparse.Namespace, world_size: int) -> Tuple[ModelCo
         RopeScaling.from_model_fields(args)
     except UserError as err:
         raise ArgumentError(str(err)) from None
+    check_loss_scaling(args)
     return section_from_namespace(ModelConfig, args), layout
+
+
+def check_loss_scaling(args: argparse.Namespace) -> None:
+    """Loss-scale values a dynamic scaler can work with (Megatron-Core asserts, later)."""
+    for flag, value in (("--initial-loss-scale", args.initial_loss_scale),
+                        ("--min-loss-scale", args.min_loss_scale),
+                        ("--loss-scale-window", args.loss_scale_window),
+                        ("--hysteresis", args.hysteresis)):
+        if value is None or value <= 0:
+            raise ArgumentError(f"{flag} must be > 0, got {value}")
+    if args.loss_scale is not None and args.loss_scale <= 0:
+        raise ArgumentError(f"--loss-scale must be > 0, got {args.loss_scale} (leave it out for "
+                            "dynamic loss scaling)")
+    if args.min_loss_scale > args.initial_loss_scale:
+        raise ArgumentError(f"--min-loss-scale ({args.min_loss_scale}) exceeds "
+                            f"--initial-loss-scale ({args.initial_loss_scale})")
 
 
 def derive_model_defaults(args: argparse.Namespace) -> None:

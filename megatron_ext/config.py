@@ -163,6 +163,11 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
+    loss_scale: Optional[float] = None  # fp16: fixed scale; None: dynamic
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: float = 1000
+    hysteresis: int = 2
     use_distributed_optimizer: bool = False
     eval_interval: Optional[int] = None
     eval_iters: int = 0

@@ -84,6 +84,11 @@ def build_model_and_optimizer(cfg: RunConfig, device, on_cpu: bool):
             adam_beta2=training.adam_beta2,
             adam_eps=training.adam_eps,
             clip_grad=training.clip_grad,
+            loss_scale=training.loss_scale,
+            initial_loss_scale=training.initial_loss_scale,
+            min_loss_scale=training.min_loss_scale,
+            loss_scale_window=training.loss_scale_window,
+            hysteresis=training.hysteresis,
             bf16=cfg.model.bf16,
             fp16=cfg.model.fp16,
             params_dtype=config.params_dtype,
@@ -185,6 +190,8 @@ def train_step(s: TrainingSetup, data_iterator) -> Dict[str, float]:
     s.optimizer.zero_grad()
     losses = run_schedule(s, data_iterator, forward_only=False)
     update_ok, grad_norm, _ = s.optimizer.step()
+    # As Megatron-LM logs it: the scale after this step's update (fp16 halves it on overflow).
+    losses["loss_scale"] = float(s.optimizer.get_loss_scale())
     if update_ok:
         s.scheduler.step(increment=1)
     losses["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -216,6 +223,7 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
     last_iter = min(training.train_iters, training.exit_interval or training.train_iters)
     records = []
     window_s, window_iters = 0.0, 0  # step time only: evaluation and saving are not counted
+    window_skipped = 0  # skipped (overflowing fp16) iterations since the last log line
     run_start = time.perf_counter()
     # --async-save: Megatron-Core's queue of shard writers in flight (forked, one per rank).
     async_saves = AsyncCallsQueue() if ckpt.save and ckpt.async_save else None
@@ -229,11 +237,15 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
         step_s = time.perf_counter() - step_start
         s.iteration += 1
         window_s, window_iters = window_s + step_s, window_iters + 1
+        window_skipped += int(out["skipped"])
         key = s.objective.loss_key
         # loss_tokens: the loss's denominator (scored tokens; rows for preference losses).
         record = {"iteration": s.iteration, "loss": out[key], "lr": lr,
                   "grad_norm": out["grad_norm"], "tokens": tokens_per_iter * s.iteration,
-                  "loss_tokens": out[key + " tokens"], "step_s": round(step_s, 4),
+                  "loss_tokens": out[key + " tokens"],
+                  # Megatron-LM's names: an fp16 step whose gradients overflowed is skipped.
+                  "loss_scale": out["loss_scale"], "skipped_iter": int(out["skipped"]),
+                  "step_s": round(step_s, 4),
                   "tokens_per_s": round(tokens_per_iter / step_s, 2),
                   "elapsed_s": round(time.perf_counter() - run_start, 4),
                   **{metric: out[metric] for metric in s.objective.metrics}}
@@ -246,8 +258,9 @@ def train(s: TrainingSetup, writer: MetricsWriter) -> List[dict]:
                        f"{tokens_per_iter * window_iters / window_s:.1f} | learning rate: {lr:.6E} | "
                        f"{key}: {out[key]:.6E} | "
                        + "".join(f"{m}: {out[m]:.4f} | " for m in s.objective.metrics)
-                       + f"grad norm: {out['grad_norm']:.4f} | skipped: {int(out['skipped'])}")
-            window_s, window_iters = 0.0, 0
+                       + f"loss scale: {out['loss_scale']:.1f} | grad norm: "
+                       f"{out['grad_norm']:.4f} | number of skipped iterations: {window_skipped}")
+            window_s, window_iters, window_skipped = 0.0, 0, 0
         if training.eval_interval and s.iteration % training.eval_interval == 0:
             result = evaluate(s)
             writer.log(f" validation at iteration {s.iteration} | {s.objective.loss_key}: "

@@ -28,6 +28,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_ext.config import (ARCHITECTURE_FIELDS, EXTENSION_FIELDS, CheckpointConfig,
                                  ModelConfig)
 from megatron_ext.checkpoints import publish
+from megatron_ext.parallel import device_platform
 from megatron_ext.errors import UserError
 from megatron_ext.model.rope_scaling import ROPE_FIELDS
 
@@ -89,6 +90,14 @@ def model_record(model: ModelConfig) -> dict:
 
 # Loading weights only (evaluation, conversion parity): iteration, optimizer and RNG untouched.
 WEIGHTS_ONLY = CheckpointConfig(finetune=True, no_load_optim=True, no_load_rng=True)
+
+# How the distributed optimizer lays out its state in a checkpoint. Megatron-Core 0.16's default
+# ('fully_sharded_model_space') cannot be saved at all (its flattened ShardedTensors are refused);
+# 'fully_reshardable' gathers each DP group's shards into per-parameter tensors shaped like the
+# model's, so the state loads under any TP / CP / DP layout that also uses the distributed
+# optimizer (the regular optimizer's state is keyed differently: check_optimizer_kind). The
+# regular optimizer ignores the setting.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def read_model_args(checkpoint_dir: str) -> dict:
@@ -188,7 +197,7 @@ def save(root: str, iteration: int, model: List[torch.nn.Module], optimizer, sch
         "rng_state": _rng_sharded_object(),
     }
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
 
@@ -316,6 +325,55 @@ def load_model_state(module: torch.nn.Module, state: dict, absent_extra: set,
                               f"{list(unexpected)[:5]}")
 
 
+def _saved_by_distributed_optimizer(saved) -> bool:
+    """Whether a checkpoint's common optimizer entry is the distributed optimizer's (chained
+    optimizers keep one entry per index)."""
+    if not isinstance(saved, dict):
+        return False
+    return "param_state_sharding_type" in saved or any(
+        _saved_by_distributed_optimizer(v) for k, v in saved.items() if isinstance(k, int))
+
+
+def check_optimizer_kind(saved, optimizer, ckpt_dir: str) -> None:
+    """The distributed and the regular optimizer save their state in formats the other cannot
+    read (a KeyError deep in Megatron-Core): refuse the mismatch by flag instead."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    running = any(isinstance(opt, DistributedOptimizer)
+                  for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+    stored = _saved_by_distributed_optimizer(saved)
+    if running != stored:
+        raise CheckpointError(
+            f"{ckpt_dir} holds the optimizer state of a run "
+            f"{'with' if stored else 'without'} --use-distributed-optimizer, and this run is "
+            f"{'with' if running else 'without'} it: resume with the flag as it was saved, or "
+            f"add --no-load-optim to load the weights, LR schedule and data position without the "
+            f"optimizer state")
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's torch Adam a (zero) state before it is loaded into.
+
+    Without Apex / Transformer Engine, Megatron-Core's DistributedOptimizer reads the step count
+    from the torch optimizer's per-parameter state while it builds the sharded state dict to load
+    into; a fresh optimizer has none yet (an assertion). The loaded checkpoint replaces every value
+    set here (moments and step alike).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return  # fused optimizers keep the step in their param groups
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = opt.optimizer
+        if opt.init_state_fn is not None:
+            opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.tensor(0.0))
+
+
 def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_config: ModelConfig,
          options: CheckpointConfig = WEIGHTS_ONLY) -> Tuple[int, int]:
     """Restore from the latest checkpoint under ``root``; returns (iteration, consumed_samples).
@@ -337,7 +395,10 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_co
     request = {"model": model_sd}
     load_optim = full_resume and not options.no_load_optim and "optimizer" in common
     if load_optim:
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        check_optimizer_kind(common["optimizer"], optimizer, ckpt_dir)
+        _allocate_distributed_optimizer_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                            metadata=OPTIMIZER_METADATA)
     load_rng = full_resume and not options.no_load_rng and same_layout
     if load_rng:
         request["rng_state"] = _rng_sharded_object()
@@ -345,7 +406,8 @@ def load(root: str, model: List[torch.nn.Module], optimizer, scheduler, model_co
 
     load_model_state(_unwrap(model[0]), state["model"], absent_extra, ckpt_dir)
     if load_optim:
-        optimizer.load_state_dict(state["optimizer"])
+        with device_platform.torch_adam_keeps_its_step(optimizer):
+            optimizer.load_state_dict(state["optimizer"])
     if load_rng:
         _restore_rng(state["rng_state"].data if hasattr(state["rng_state"], "data")
                      else state["rng_state"])

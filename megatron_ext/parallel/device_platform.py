@@ -7,11 +7,15 @@ tensor-parallel RNG tracker. On CPU we redirect exactly those to the CPU, and re
 fallback of the gradient norm (apex/TE's fused kernel on GPUs) by an fp64 sum.
 
 This is the only module in the project allowed to patch Megatron-Core, and it only does so when
-the platform is CPU. ``cpu_redirections_active()`` tells whether the redirections are installed.
+the platform is CPU, plus one scoped fix: loading the distributed optimizer's state into plain
+torch Adam (no Apex / Transformer Engine, as always on CPU) is broken in Megatron-Core 0.16, and
+``torch_adam_keeps_its_step`` repairs it for the duration of one load.
+``cpu_redirections_active()`` tells whether the redirections are installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Optional
@@ -149,3 +153,49 @@ def _install_cpu_redirections() -> None:
             return run_backward(*args, **kwargs)
 
     autograd._engine_run_backward = run_backward_with_redirections
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed optimizer state into torch Adam
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def torch_adam_keeps_its_step(optimizer):
+    """Load a 'fully_reshardable' distributed-optimizer state into torch Adam (used around
+    ``DistributedOptimizer.load_state_dict`` by the checkpoint loader).
+
+    Megatron-Core 0.16 restores the step count from the param groups (into every per-parameter
+    state), then copies each saved per-parameter tensor into the state, but leaves "step" out of
+    what it copies while still copying into every state key: a KeyError for torch Adam (no Apex /
+    Transformer Engine). Here "step" keeps the value just restored, one tensor per parameter.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    patched = []
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if isinstance(opt, distrib_optimizer.DistributedOptimizer):
+                patched.append(opt)
+                opt._set_main_param_and_optimizer_states = _step_keeping_setter(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+
+
+def _step_keeping_setter(opt):
+    original = type(opt)._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        group_index, group_order = opt.model_param_group_index_map[model_param]
+        main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+        state = opt.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            # The restored step is one tensor shared by every parameter's state, and torch Adam
+            # increments it in place: each parameter needs its own copy.
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        original(opt, model_param, tensors)
+
+    return set_states
