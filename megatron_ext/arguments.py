@@ -290,6 +290,7 @@ def finalize(args: argparse.Namespace, world_size: int,
     """
     check_load(args)
     model, layout = model_and_layout(args, world_size)
+    check_loss_scaling(args)  # training's optimizer flags (evaluation has none)
     _resolve_objective(args)  # an objective may set its own optimiser defaults first
     _refuse_flags_that_cannot_apply(args)
     for field, value in PRETRAINING_OPTIMIZER_DEFAULTS.items():
@@ -378,7 +379,6 @@ def model_and_layout(args: argparse.Namespace, world_size: int) -> Tuple[ModelCo
         RopeScaling.from_model_fields(args)
     except UserError as err:
         raise ArgumentError(str(err)) from None
-    check_loss_scaling(args)
     return section_from_namespace(ModelConfig, args), layout
 
 
