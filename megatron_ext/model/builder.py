@@ -33,7 +33,8 @@ from megatron_ext.model.attention_backends import (
 from megatron_ext.model.cp_attention import TorchContextParallelAttention
 from megatron_ext.model.flex_attention import FlexContextParallelAttention
 from megatron_ext.model.init import initialize_layout_invariant
-from megatron_ext.model.rotary import PositionIdsGPTModel, rope_scaling_of
+from megatron_ext.model.rope_scaling import RopeScaling
+from megatron_ext.model.rotary import PositionIdsGPTModel
 from megatron_ext.model.torch_norm import SequenceParallelTorchNorm
 
 
@@ -167,7 +168,7 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, o
         seq_len_interpolation_factor=model.rotary_seq_len_interpolation_factor,
         # Every RoPE scaling the flags describe (llama3 with any parameters, yarn), not only the
         # ones GPTModel's arguments above can say.
-        rope_scaling_config=rope_scaling_of(model),
+        rope_scaling_config=RopeScaling.from_model_fields(model),
     )
     if init_seed is not None:
         initialize_layout_invariant(module, config, init_seed)

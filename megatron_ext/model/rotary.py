@@ -159,11 +159,6 @@ def megatron_yarn_attributes(scaling: RopeScaling) -> Dict[str, Any]:
     return attributes
 
 
-def rope_scaling_of(model) -> Optional[RopeScaling]:
-    """The scaling a ``ModelConfig`` (or namespace / ``model_args.json`` dict) asks for."""
-    return RopeScaling.from_model_fields(model)
-
-
 class PositionIdsRotaryEmbedding(nn.Module):
     """RoPE angles for per-token positions: ``forward(position_ids [b, s]) -> freqs [s, b, 1, d]``.
 
