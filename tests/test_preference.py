@@ -270,6 +270,19 @@ def hf_reference_losses(hf_dir, records, beta, gamma, sft_weight, loss="logo"):
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
 
+def first_iteration_and_batches(flags, load, tmp_path, num_samples=2):
+    """(iteration-1 metrics of a --finetune run from ``load``, the batches inspect_batches.py
+    dumps for the same flags): what a transformers reference recomputes independently."""
+    metrics = tmp_path / "metrics.jsonl"
+    torchrun(1, [*flags, "--load", load, "--finetune", "--train-iters", "1",
+                 "--metrics-jsonl", str(metrics)], timeout=900)
+    dump = tmp_path / "batches.jsonl"
+    run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *flags, "--num-samples",
+         str(num_samples), "--output", dump])
+    return (read_metrics(str(metrics))[0],
+            [json.loads(line) for line in dump.read_text().splitlines()])
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("loss", ["logo", "orpo"])
 def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path, loss):
@@ -282,14 +295,7 @@ def test_loss_matches_transformers(pref_data, smollm2_megatron, tmp_path, loss):
              "--position-scheme", "logo", "--target-seq-length", str(TARGET), "--device", "cpu",
              "--split", "100,0,0", "--preference-loss", loss, "--beta", "2.5", *margin,
              "--sft-weight", "0.3"]
-    metrics = tmp_path / "metrics.jsonl"
-    torchrun(1, [*flags, "--load", smollm2_megatron["mg"], "--finetune", "--train-iters", "1",
-                 "--metrics-jsonl", str(metrics)], timeout=900)
-    ours = read_metrics(str(metrics))[0]
-    dump = tmp_path / "batches.jsonl"
-    run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *flags, "--num-samples", "2",
-         "--output", dump])
-    records = [json.loads(line) for line in dump.read_text().splitlines()]
+    ours, records = first_iteration_and_batches(flags, smollm2_megatron["mg"], tmp_path)
     reference = hf_reference_losses(hf_dir, records, beta=2.5,
                                     gamma=0.25 if loss == "logo" else 0.0, sft_weight=0.3,
                                     loss=loss)
@@ -650,14 +656,7 @@ def test_reference_logps_and_dpo_loss_match_transformers(two_short_rows, smollm2
     beta = 0.5
     dpo = [*flags, "--preference-loss", "dpo", "--beta", str(beta), "--reference-logps",
            reference_file, "--lr", "1e-6", "--lr-warmup-iters", "0"]
-    metrics = tmp_path / "metrics.jsonl"
-    torchrun(1, [*dpo, "--load", str(policy_mg), "--finetune", "--train-iters", "1",
-                 "--metrics-jsonl", str(metrics)], timeout=900)
-    ours = read_metrics(str(metrics))[0]
-    dump = tmp_path / "batches.jsonl"
-    run([sys.executable, f"{REPO_ROOT}/tools/inspect_batches.py", *dpo, "--num-samples", "2",
-         "--output", dump])
-    records = [json.loads(line) for line in dump.read_text().splitlines()]
+    ours, records = first_iteration_and_batches(dpo, str(policy_mg), tmp_path)
     assert sorted(r["row"] for r in records) == [0, 1]  # every row of the file is checked
 
     losses = []
